@@ -1,0 +1,158 @@
+"""ModelConfig: the architecture description, modelled on transformers' BertConfig.
+
+One config class serves every family: later families add fields with defaults that
+leave earlier models unchanged. Validation runs on construction, so a bad config
+fails before anything is compiled or written, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from jaxlm.errors import ConfigError
+from jaxlm.layers.activations import ACTIVATIONS
+
+CONFIG_NAME = "config.json"
+
+# Bookkeeping keys that Hugging Face writes into config.json; they do not change
+# the architecture, so reading them is not an "unknown key".
+_HF_IGNORED_KEYS = frozenset({
+    "transformers_version", "torch_dtype", "dtype", "use_cache", "gradient_checkpointing",
+    "classifier_dropout", "_name_or_path", "id2label", "label2id", "problem_type",
+    "output_past", "return_dict", "output_hidden_states", "output_attentions",
+    "is_decoder", "add_cross_attention", "chunk_size_feed_forward", "pruned_heads",
+    "tie_encoder_decoder", "torchscript", "bos_token_id", "eos_token_id",
+})
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  """Architecture hyperparameters. Field names follow Hugging Face where one exists."""
+
+  model_type: str = "bert"
+  architectures: list[str] | None = None
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  num_key_value_heads: int | None = None  # None: same as num_attention_heads (MHA)
+  head_dim: int | None = None  # None: hidden_size // num_attention_heads
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  initializer_range: float = 0.02
+  pad_token_id: int = 0
+  position_embedding_type: str = "absolute"
+  tie_word_embeddings: bool = True
+  # Compute dtype of matmuls; parameters stay in param_dtype (mixed precision).
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention_backend: str = "xla"
+
+  def __post_init__(self):
+    self.validate()
+
+  # ---- validation -----------------------------------------------------------------
+  def validate(self) -> None:
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "intermediate_size", "max_position_embeddings"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+    if self.type_vocab_size < 0:
+      raise ConfigError(f"model.type_vocab_size must be >= 0, got {self.type_vocab_size}")
+    if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+      raise ConfigError(
+          f"model.hidden_size ({self.hidden_size}) must be divisible by "
+          f"model.num_attention_heads ({self.num_attention_heads})")
+    kv = self.kv_heads
+    if kv <= 0 or self.num_attention_heads % kv:
+      raise ConfigError(
+          f"model.num_key_value_heads ({kv}) must divide model.num_attention_heads "
+          f"({self.num_attention_heads})")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ConfigError(
+          f"model.hidden_act: unknown activation {self.hidden_act!r}; "
+          f"choose one of {sorted(ACTIVATIONS)}")
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+      p = getattr(self, name)
+      if not 0.0 <= p < 1.0:
+        raise ConfigError(f"model.{name} must be in [0, 1), got {p}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ConfigError(f"model.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
+    if self.position_embedding_type != "absolute":
+      raise ConfigError(
+          f"model.position_embedding_type {self.position_embedding_type!r} is not supported "
+          "for this model yet (supported: 'absolute')")
+    if self.attention_backend not in ("xla",):
+      raise ConfigError(f"model.attention_backend must be 'xla', got {self.attention_backend!r}")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_key_value_heads or self.num_attention_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  # ---- (de)serialization ------------------------------------------------------------
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json_string(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any], *, hf: bool = False) -> ModelConfig:
+    """Builds a config; an unknown key is an error naming it.
+
+    With `hf=True`, Hugging Face bookkeeping keys (transformers_version, ...) are
+    skipped rather than rejected.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+      if key in names:
+        kwargs[key] = value
+      elif not (hf and key in _HF_IGNORED_KEYS):
+        raise ConfigError(f"model.{key}: unknown ModelConfig key")
+    return cls(**kwargs)
+
+  @classmethod
+  def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
+    try:
+      with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    except FileNotFoundError:
+      raise ConfigError(f"{path}: no such config file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ConfigError(f"{path}: not a valid JSON config ({e})") from None
+    if not isinstance(d, dict):
+      raise ConfigError(f"{path}: config must be a JSON object")
+    return cls.from_dict(d, hf=True)
+
+  @classmethod
+  def from_pretrained(cls, directory: str | os.PathLike) -> ModelConfig:
+    """Reads `config.json` from a local directory (jaxlm or Hugging Face)."""
+    path = os.path.join(directory, CONFIG_NAME) if os.path.isdir(directory) else directory
+    return cls.from_json_file(path)
+
+  def save_pretrained(self, directory: str | os.PathLike) -> str:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, CONFIG_NAME)
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(self.to_json_string())
+    return path
+
+  def replace(self, **kwargs) -> ModelConfig:
+    return dataclasses.replace(self, **kwargs)

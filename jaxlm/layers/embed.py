@@ -1,0 +1,22 @@
+"""Token embedding table that can also project back to the vocabulary (tied heads)."""
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.layers.linear import matmul, normal_init
+
+
+class Embed(nnx.Module):
+
+  def __init__(self, num_embeddings: int, features: int, *, init_std: float = 0.02,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(normal_init(init_std)(rngs.params(), (num_embeddings, features),
+                                                     param_dtype))
+    self.dtype = dtype
+
+  def __call__(self, ids):
+    return jnp.take(self.embedding[...], ids, axis=0).astype(jnp.float32)
+
+  def attend(self, x_BTD):
+    """Logits against every embedding row: x @ E^T."""
+    return matmul(x_BTD, self.embedding[...].T, self.dtype)

@@ -1,0 +1,63 @@
+"""Command line: python -m jaxlm.main --config=configs/default.py --workdir=DIR [--mode=...]
+
+Thin on purpose: all logic lives in importable modules. User errors (bad config,
+missing or unreadable data) print one line and exit with status 2.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxlm.errors import JaxlmError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints, metrics.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+
+
+def _fail(msg: str):
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _one_line(e: BaseException) -> str:
+  msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+  msg = msg.strip().strip("'\"").replace("\\n", " ").replace("\n", " ")
+  return msg
+
+
+def parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(_one_line(e))
+  except (KeyError, AttributeError, TypeError, ValueError) as e:  # from config overrides
+    _fail(f"config override: {_one_line(e)}")
+
+
+def main(argv):
+  logging.set_verbosity(logging.WARNING)  # orbax/absl INFO chatter drowns the progress bar
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not _WORKDIR.value:
+    _fail("--workdir is required")
+  try:
+    cfg = _CONFIG.value
+    if cfg is None:
+      _fail("--config is required (e.g. --config=configs/default.py)")
+  except (OSError, ImportError, AttributeError, KeyError, TypeError, ValueError,
+          SyntaxError) as e:
+    _fail(f"--config: {_one_line(e)}")
+  from jaxlm.train import loop  # heavy imports after the cheap checks
+  try:
+    if _MODE.value == "eval":
+      loop.evaluate(cfg, _WORKDIR.value)
+    else:
+      loop.train(cfg, _WORKDIR.value)
+  except JaxlmError as e:
+    _fail(_one_line(e))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,80 @@
+"""Build a model from its config, and save/load jaxlm exports.
+
+A jaxlm export is `config.json` (ModelConfig) plus `model.safetensors` whose tensor
+names are the module paths ("bert.layers.0.attn.q.kernel"). Hugging Face layouts
+map onto these paths in `jaxlm/hf/`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from jaxlm.config import ModelConfig
+from jaxlm.errors import ConfigError, DataError
+from jaxlm.models.encoder import BertForPreTraining, BertModel
+
+WEIGHTS_NAME = "model.safetensors"
+
+ARCHITECTURES = {
+    "BertForPreTraining": BertForPreTraining,
+    "BertModel": BertModel,
+}
+
+
+def build_model(cfg: ModelConfig, *, seed: int = 0) -> nnx.Module:
+  arch = (cfg.architectures or ["BertForPreTraining"])[0]
+  if arch not in ARCHITECTURES:
+    raise ConfigError(f"model.architectures: unknown architecture {arch!r}; "
+                      f"known: {sorted(ARCHITECTURES)}")
+  return ARCHITECTURES[arch](cfg, rngs=nnx.Rngs(params=seed))
+
+
+def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
+  state = nnx.state(model, nnx.Param)
+  return {".".join(str(k) for k in path): np.asarray(v.get_value())
+          for path, v in state.flat_state()}
+
+
+def save_pretrained(model: nnx.Module, directory: str) -> None:
+  os.makedirs(directory, exist_ok=True)
+  model.config.save_pretrained(directory)
+  save_file(flat_params(model), os.path.join(directory, WEIGHTS_NAME))
+
+
+def load_params(model: nnx.Module, tensors: dict[str, np.ndarray], source: str) -> nnx.Module:
+  """Copies tensors into the model by path; names the tensor on any mismatch."""
+  state = nnx.state(model, nnx.Param)
+  expected = dict(state.flat_state())
+  for path, var in expected.items():
+    name = ".".join(str(k) for k in path)
+    if name not in tensors:
+      raise DataError(f"{source}: missing tensor {name!r}")
+    value = tensors[name]
+    if tuple(value.shape) != tuple(var.get_value().shape):
+      raise DataError(f"{source}: tensor {name!r} has shape {tuple(value.shape)}, "
+                      f"expected {tuple(var.get_value().shape)}")
+    var.set_value(np.asarray(value, dtype=var.get_value().dtype))
+  names = {".".join(str(k) for k in p) for p in expected}
+  extra = sorted(set(tensors) - names)
+  if extra:
+    raise DataError(f"{source}: unexpected tensor {extra[0]!r} (and {len(extra) - 1} more)")
+  nnx.update(model, state)
+  return model
+
+
+def from_pretrained(directory: str) -> nnx.Module:
+  """Loads a jaxlm export directory (config.json + model.safetensors)."""
+  cfg = ModelConfig.from_pretrained(directory)
+  path = os.path.join(directory, WEIGHTS_NAME)
+  if not os.path.exists(path):
+    if os.path.exists(os.path.join(directory, "pytorch_model.bin")):
+      raise DataError(f"{directory}: only pytorch_model.bin (a pickle) found; we never unpickle. "
+                      "Convert it to safetensors first (transformers: "
+                      "model.save_pretrained(dir, safe_serialization=True))")
+    raise DataError(f"{directory}: no {WEIGHTS_NAME}")
+  model = build_model(cfg)
+  return load_params(model, load_file(path), path)

@@ -1,0 +1,108 @@
+"""Encoder-only models (BERT family), composed from the shared layer library."""
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.config import ModelConfig
+from jaxlm.layers.attention import Attention, padding_mask
+from jaxlm.layers.dropout import dropout
+from jaxlm.layers.embed import Embed
+from jaxlm.layers.linear import Dense
+from jaxlm.layers.mlp import MLP
+from jaxlm.layers.norm import LayerNorm
+from jaxlm.models.heads import MLMHead, NSPHead, _dtypes
+from jaxlm.models.outputs import ModelOutput
+
+
+class Embeddings(nnx.Module):
+  """word + learned position + token type, then LayerNorm and dropout."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    kw = dict(init_std=cfg.initializer_range, rngs=rngs, **_dtypes(cfg))
+    self.word = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
+    self.position = Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
+    self.token_type = (Embed(cfg.type_vocab_size, cfg.hidden_size, **kw)
+                       if cfg.type_vocab_size else None)
+    self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+    self.dropout_rate = cfg.hidden_dropout_prob
+
+  def __call__(self, input_ids_BT, token_type_ids_BT=None, position_ids_BT=None, rngs=None):
+    T = input_ids_BT.shape[1]
+    if position_ids_BT is None:
+      position_ids_BT = jnp.arange(T)[None, :]
+    x_BTD = self.word(input_ids_BT) + self.position(position_ids_BT)
+    if self.token_type is not None:
+      if token_type_ids_BT is None:
+        token_type_ids_BT = jnp.zeros_like(input_ids_BT)
+      x_BTD = x_BTD + self.token_type(token_type_ids_BT)
+    return dropout(self.norm(x_BTD), self.dropout_rate, rngs)
+
+
+class EncoderBlock(nnx.Module):
+  """Post-LN transformer block (BERT): x = LN(x + attn(x)); x = LN(x + mlp(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt = _dtypes(cfg)
+    self.attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
+                          num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                          dropout_rate=cfg.attention_probs_dropout_prob,
+                          init_std=cfg.initializer_range, backend=cfg.attention_backend,
+                          rngs=rngs, **dt)
+    self.attn_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+    self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, activation=cfg.hidden_act,
+                   init_std=cfg.initializer_range, rngs=rngs, **dt)
+    self.mlp_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+    self.dropout_rate = cfg.hidden_dropout_prob
+
+  def __call__(self, x_BTD, mask, rngs=None):
+    h = dropout(self.attn(x_BTD, mask=mask, rngs=rngs), self.dropout_rate, rngs)
+    x_BTD = self.attn_norm(x_BTD + h)
+    h = dropout(self.mlp(x_BTD), self.dropout_rate, rngs)
+    return self.mlp_norm(x_BTD + h)
+
+
+class BertModel(nnx.Module):
+  """Embeddings, a stack of encoder blocks and the [CLS] pooler."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, add_pooler: bool = True):
+    self.config = cfg
+    self.embeddings = Embeddings(cfg, rngs=rngs)
+    self.layers = nnx.List([EncoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    self.pooler = (Dense(cfg.hidden_size, cfg.hidden_size, init_std=cfg.initializer_range,
+                         rngs=rngs, **_dtypes(cfg)) if add_pooler else None)
+
+  def __call__(self, input_ids_BT, attention_mask=None, token_type_ids=None,
+               position_ids=None, *, rngs: nnx.Rngs | None = None) -> ModelOutput:
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids_BT)
+    mask = padding_mask(attention_mask)
+    x_BTD = self.embeddings(input_ids_BT, token_type_ids, position_ids, rngs=rngs)
+    for layer in self.layers:
+      x_BTD = layer(x_BTD, mask, rngs=rngs)
+    pooled_BD = jnp.tanh(self.pooler(x_BTD[:, 0])) if self.pooler is not None else None
+    return ModelOutput(last_hidden_state=x_BTD, pooler_output=pooled_BD)
+
+
+class BertForPreTraining(nnx.Module):
+  """BERT with the MLM head (tied to the word embeddings) and the NSP head.
+
+  `masked_positions` [B, P] restricts the vocabulary projection to those positions:
+  the projection over all T positions is a large share of a step and wasted work for
+  MLM, whose loss only reads the masked ones.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.bert = BertModel(cfg, rngs=rngs)
+    self.mlm = MLMHead(cfg, rngs=rngs)
+    self.nsp = NSPHead(cfg, rngs=rngs)
+
+  def __call__(self, input_ids_BT, attention_mask=None, token_type_ids=None,
+               position_ids=None, *, masked_positions=None,
+               rngs: nnx.Rngs | None = None) -> ModelOutput:
+    out = self.bert(input_ids_BT, attention_mask, token_type_ids, position_ids, rngs=rngs)
+    h = out.last_hidden_state
+    if masked_positions is not None:
+      h = jnp.take_along_axis(h, masked_positions[..., None], axis=1)
+    logits = self.mlm(h, self.bert.embeddings.word)
+    return out.replace(logits=logits, nsp_logits=self.nsp(out.pooler_output))

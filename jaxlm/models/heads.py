@@ -1,0 +1,43 @@
+"""Task heads that sit on top of a base model's hidden states."""
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.config import ModelConfig
+from jaxlm.layers.activations import get_activation
+from jaxlm.layers.embed import Embed
+from jaxlm.layers.linear import Dense
+from jaxlm.layers.norm import LayerNorm
+
+
+def _dtypes(cfg: ModelConfig):
+  return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+class MLMHead(nnx.Module):
+  """BERT's prediction head: dense -> act -> LayerNorm -> (tied) vocab projection + bias."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    D, V = cfg.hidden_size, cfg.vocab_size
+    self.transform = Dense(D, D, init_std=cfg.initializer_range, rngs=rngs, **_dtypes(cfg))
+    self.norm = LayerNorm(D, eps=cfg.layer_norm_eps)
+    self.act = get_activation(cfg.hidden_act)
+    self.decoder = None if cfg.tie_word_embeddings else Dense(
+        D, V, use_bias=False, init_std=cfg.initializer_range, rngs=rngs, **_dtypes(cfg))
+    self.bias = nnx.Param(jnp.zeros((V,), jnp.dtype(cfg.param_dtype)))
+
+  def __call__(self, h_BPD, word_embeddings: Embed):
+    h_BPD = self.norm(self.act(self.transform(h_BPD)))
+    logits = word_embeddings.attend(h_BPD) if self.decoder is None else self.decoder(h_BPD)
+    return logits + self.bias[...]
+
+
+class NSPHead(nnx.Module):
+  """Two-way classifier on the pooled [CLS] state: is segment B the true continuation?"""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.classifier = Dense(cfg.hidden_size, 2, init_std=cfg.initializer_range, rngs=rngs,
+                            **_dtypes(cfg))
+
+  def __call__(self, pooled_BD):
+    return self.classifier(pooled_BD)

@@ -1,0 +1,13 @@
+"""Model outputs: one pytree dataclass whose optional fields grow with new heads."""
+
+from typing import Any
+
+import flax.struct
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  logits: Any = None  # [B, T, V] LM/MLM logits (or [B, P, V] at gathered positions)
+  nsp_logits: Any = None  # [B, 2] BERT next-sentence logits
+  last_hidden_state: Any = None  # [B, T, D]
+  pooler_output: Any = None  # [B, D]

@@ -1,0 +1,208 @@
+"""The pretraining job: prepare data, build the model, train with periodic evaluation
+and checkpoints, resume automatically, and finish with a test evaluation and a report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+from flax import nnx
+from tqdm import tqdm
+
+from jaxlm import experiment
+from jaxlm.data import pipeline
+from jaxlm.data.corpus import Corpus, prepare_corpus
+from jaxlm.errors import ConfigError
+from jaxlm.models import auto
+from jaxlm.train import report as report_lib
+from jaxlm.train.checkpoint import Checkpointer
+from jaxlm.train.metrics import MetricsWriter
+from jaxlm.train.optim import make_optimizer
+from jaxlm.train.steps import make_eval_step, make_train_step
+
+
+def log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+class Evaluator:
+  """Fixed eval batches per split (built once) and the metrics we report on them."""
+
+  def __init__(self, corpus: Corpus, cfg, graphdef):
+    self.corpus, self.cfg = corpus, cfg
+    self.eval_step = make_eval_step(graphdef)
+    self.unigram_logp = corpus.unigram_log_probs()
+    self._batches: dict[str, list] = {}
+
+  def batches(self, split: str) -> list:
+    if split not in self._batches:
+      self._batches[split] = list(pipeline.eval_batches(
+          self.corpus, split, self.cfg.data, objective=self.cfg.train.objective,
+          batch_size=self.cfg.eval.batch_size, seed=self.cfg.seed + 1,
+          max_batches=self.cfg.eval.max_batches or None))
+    return self._batches[split]
+
+  def __call__(self, params, split: str) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    uni_sum = 0.0
+    for batch in self.batches(split):
+      for k, v in jax.device_get(self.eval_step(params, batch)).items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+      w = batch["masked_weights"] * batch["example_weight"][:, None]
+      uni_sum -= float((self.unigram_logp[batch["masked_ids"]] * w).sum())
+    mlm_n, nsp_n = max(sums["mlm_count"], 1.0), max(sums["nsp_count"], 1.0)
+    mlm_loss, nsp_loss = sums["mlm_loss_sum"] / mlm_n, sums["nsp_loss_sum"] / nsp_n
+    out = {"loss": mlm_loss + nsp_loss, "nsp_loss": nsp_loss,
+           "nsp_accuracy": sums["nsp_correct"] / nsp_n}
+    if sums["mlm_count"]:
+      out.update(mlm_loss=mlm_loss, mlm_perplexity=math.exp(min(mlm_loss, 50.0)),
+                 mlm_accuracy=sums["mlm_correct"] / mlm_n,
+                 unigram_perplexity=math.exp(uni_sum / mlm_n))
+    if not sums["nsp_count"]:
+      del out["nsp_accuracy"], out["nsp_loss"]
+    return out
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+  return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+
+def setup(cfg, workdir: str):
+  """Validates, prepares (or reuses) the corpus and builds the model."""
+  model_cfg = experiment.validate(cfg)
+  corpus = prepare_corpus(cfg.data, cfg.tokenizer, os.path.join(workdir, "data"), log=log)
+  tok = corpus.tokenizer
+  model_cfg = model_cfg.replace(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id)
+  model = auto.build_model(model_cfg, seed=cfg.seed)
+  return corpus, model
+
+
+def train(cfg, workdir: str) -> dict[str, Any]:
+  t_start = time.time()
+  corpus, model = setup(cfg, workdir)
+  with open(os.path.join(workdir, "experiment.json"), "w", encoding="utf-8") as f:
+    f.write(cfg.to_json(indent=2))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx, schedule = make_optimizer(cfg.train)
+  opt_state = tx.init(params)
+  t = cfg.train
+  data_iter = pipeline.train_iterator(corpus, cfg.data, objective=t.objective,
+                                      batch_size=t.batch_size, seed=cfg.seed)
+  run: dict[str, Any] = {"step": 0, "tokens_seen": 0, "best_val_loss": None, "bad_evals": 0,
+                         "stopped_early": False, "train_seconds": 0.0}
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                      max_to_keep=cfg.checkpoint.max_to_keep)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    (params, opt_state), run = ckpt.restore(latest, (params, opt_state))
+    data_iter.set_state(run.pop("data_iter"))
+    log(f"resuming from checkpoint at step {run['step']} in {workdir}")
+  writer = MetricsWriter(workdir, resume_step=run["step"])
+  train_step = make_train_step(
+      graphdef, tx, seed=cfg.seed,
+      dropout=cfg.model.hidden_dropout_prob > 0 or cfg.model.attention_probs_dropout_prob > 0)
+  evaluator = Evaluator(corpus, cfg, graphdef)
+
+  def save(step):
+    ckpt.save(step, (params, opt_state), {**run, "data_iter": data_iter.get_state()})
+
+  step = run["step"]
+  bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+             disable=None, file=sys.stderr)
+  interval_t0, interval_tokens = time.time(), 0
+  while step < t.steps and not run["stopped_early"]:
+    batch = next(data_iter)
+    params, opt_state, m = train_step(params, opt_state, batch, step)
+    step += 1
+    n_tok = int(batch["attention_mask"].sum())
+    run["tokens_seen"] += n_tok
+    interval_tokens += n_tok
+    if step % t.log_every == 0 or step == t.steps:
+      m = jax.device_get(m)
+      dt = time.time() - interval_t0
+      run["train_seconds"] += dt
+      row = {"loss": m["loss"], "learning_rate": schedule(step - 1),
+             "tokens_per_s": interval_tokens / max(dt, 1e-9), "grad_norm": m["grad_norm"],
+             "mlm_accuracy": m["mlm_correct"] / max(m["mlm_count"], 1),
+             "nsp_accuracy": m["nsp_correct"] / max(m["nsp_count"], 1)}
+      writer.write(step, row)
+      bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+      interval_t0, interval_tokens = time.time(), 0
+    if step % t.eval_every == 0 or step == t.steps:
+      val = evaluator(params, "validation")
+      writer.write(step, _prefixed("val", val))
+      log(f"step {step}: " + ", ".join(f"val_{k}={v:.4g}" for k, v in val.items()))
+      if run["best_val_loss"] is None or val["loss"] < run["best_val_loss"]:
+        run["best_val_loss"], run["bad_evals"] = val["loss"], 0
+      else:
+        run["bad_evals"] += 1
+        if t.early_stopping_patience and run["bad_evals"] >= t.early_stopping_patience:
+          run["stopped_early"] = True
+          log(f"early stopping at step {step}: no val loss improvement in "
+              f"{run['bad_evals']} evaluations")
+      interval_t0 = time.time()  # evaluation time is not training throughput
+    run["step"] = step
+    if step % cfg.checkpoint.every == 0 or step == t.steps or run["stopped_early"]:
+      save(step)
+    bar.update(1)
+  bar.close()
+  if ckpt.latest_step() != step:
+    save(step)
+  ckpt.close()
+  writer.close()
+  nnx.update(model, params)
+  auto.save_pretrained(model, os.path.join(workdir, "model"))
+  corpus.tokenizer.save(os.path.join(workdir, "model"))
+  rep = finish(cfg, workdir, corpus, model, evaluator, params, run, time.time() - t_start)
+  return rep
+
+
+def finish(cfg, workdir, corpus, model, evaluator, params, run, wall) -> dict[str, Any]:
+  """Final validation and test evaluation, fill-mask examples, report.json."""
+  val, test = evaluator(params, "validation"), evaluator(params, "test")
+  rep = {
+      "params": int(sum(x.size for x in jax.tree.leaves(params))),
+      "tokens_seen": int(run["tokens_seen"]),
+      "steps": int(run["step"]),
+      "stopped_early": bool(run["stopped_early"]),
+      "wall_seconds": round(wall, 1),
+      "train_seconds": round(run["train_seconds"], 1),
+      **_prefixed("val", val), **_prefixed("test", test),
+      "unigram_perplexity": val.get("unigram_perplexity"),
+      "corpus": {k: v for k, v in corpus.manifest.items() if k != "settings"},
+      "fill_mask": report_lib.fill_mask_examples(model, corpus, cfg.eval.fill_mask_examples,
+                                                 max_seq_len=cfg.data.max_seq_len),
+  }
+  with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
+    json.dump(rep, f, indent=2)
+  print(report_lib.format_report(rep))
+  return rep
+
+
+def evaluate(cfg, workdir: str) -> dict[str, Any]:
+  """--mode=eval: evaluate the latest checkpoint on validation and test."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise ConfigError(f"--workdir {workdir}: no checkpoints to evaluate (train first)")
+  corpus, model = setup(cfg, workdir)
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx, _ = make_optimizer(cfg.train)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                      max_to_keep=cfg.checkpoint.max_to_keep)
+  step = ckpt.latest_step()
+  if step is None:
+    raise ConfigError(f"--workdir {workdir}: no checkpoints to evaluate (train first)")
+  (params, _), _ = ckpt.restore(step, (params, tx.init(params)))
+  ckpt.close()
+  evaluator = Evaluator(corpus, cfg, graphdef)
+  out = {"step": int(step), **_prefixed("val", evaluator(params, "validation")),
+         **_prefixed("test", evaluator(params, "test"))}
+  with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
+    json.dump(out, f, indent=2)
+  print(json.dumps(out, indent=2))
+  return out
+

@@ -1,0 +1,70 @@
+"""Jitted train and eval steps for the pretraining objectives.
+
+Parameters travel as an nnx.State pytree; the model is rebuilt inside the jitted
+function with nnx.merge, which costs nothing at run time.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def pretraining_stats(model, batch, rngs=None):
+  """Sums (not means) of MLM/NSP loss and hits, so eval batches aggregate exactly."""
+  out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+              masked_positions=batch["masked_positions"], rngs=rngs)
+  ex_w_B = batch.get("example_weight", jnp.ones(batch["input_ids"].shape[0], jnp.float32))
+  logp_BPV = jax.nn.log_softmax(out.logits.astype(jnp.float32))
+  labels_BP = batch["masked_ids"]
+  nll_BP = -jnp.take_along_axis(logp_BPV, labels_BP[..., None], axis=-1)[..., 0]
+  w_BP = batch["masked_weights"] * ex_w_B[:, None]
+  nsp_logp_B2 = jax.nn.log_softmax(out.nsp_logits.astype(jnp.float32))
+  nsp_nll_B = -jnp.take_along_axis(nsp_logp_B2, batch["nsp_label"][:, None], axis=-1)[:, 0]
+  nsp_w_B = batch["nsp_weight"] * ex_w_B
+  return {
+      "mlm_loss_sum": (nll_BP * w_BP).sum(),
+      "mlm_correct": ((logp_BPV.argmax(-1) == labels_BP) * w_BP).sum(),
+      "mlm_count": w_BP.sum(),
+      "nsp_loss_sum": (nsp_nll_B * nsp_w_B).sum(),
+      "nsp_correct": ((nsp_logp_B2.argmax(-1) == batch["nsp_label"]) * nsp_w_B).sum(),
+      "nsp_count": nsp_w_B.sum(),
+  }
+
+
+def loss_from_stats(s):
+  mlm = s["mlm_loss_sum"] / jnp.maximum(s["mlm_count"], 1.0)
+  nsp = s["nsp_loss_sum"] / jnp.maximum(s["nsp_count"], 1.0)
+  return mlm + nsp
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, seed: int, dropout: bool):
+  """(params, opt_state, batch, step) -> (params, opt_state, metrics); the dropout key
+  is fold_in(seed, step), so a resumed run draws the same masks."""
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def train_step(params, opt_state, batch, step):
+    def loss_fn(p):
+      model = nnx.merge(graphdef, p)
+      rngs = nnx.Rngs(dropout=jax.random.fold_in(jax.random.key(seed), step)) if dropout else None
+      stats = pretraining_stats(model, batch, rngs)
+      return loss_from_stats(stats), stats
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **stats}
+
+  return train_step
+
+
+def make_eval_step(graphdef):
+  @jax.jit
+  def eval_step(params, batch):
+    return pretraining_stats(nnx.merge(graphdef, params), batch)
+
+  return eval_step

@@ -1,0 +1,75 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm import ModelConfig, build_model
+from jaxlm.layers.attention import Attention, causal_mask, dot_product_attention, padding_mask
+
+CFG = ModelConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=32)
+
+
+def reference_attention(q, k, v, mask):
+  """Plain MHA with K/V repeated per query head."""
+  N, K = q.shape[2], k.shape[2]
+  k, v = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+  logits = jnp.where(mask, logits, -1e30)
+  return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, -1), v)
+
+
+def test_grouped_attention_matches_repeated_kv():
+  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(kq, (2, 5, 8, 16))
+  k = jax.random.normal(kk, (2, 5, 2, 16))
+  v = jax.random.normal(kv, (2, 5, 2, 16))
+  mask = causal_mask(5, 5) & padding_mask(jnp.array([[1] * 5, [1, 1, 1, 0, 0]]))
+  np.testing.assert_allclose(dot_product_attention(q, k, v, mask),
+                             reference_attention(q, k, v, mask), atol=1e-5)
+
+
+def test_sliding_window_mask():
+  m = np.asarray(causal_mask(6, 6, window=3))[0, 0]
+  i, j = np.nonzero(m)
+  assert ((i - j >= 0) & (i - j < 3)).all() and m.sum() == 1 + 2 + 3 * 4
+
+
+def test_padding_does_not_change_real_tokens():
+  model = build_model(CFG.replace(architectures=["BertForPreTraining"]))
+  ids = jnp.array([[2, 10, 11, 12, 3, 0, 0, 0]])
+  mask = jnp.array([[1, 1, 1, 1, 1, 0, 0, 0]])
+  ids_pad = ids.at[0, 5:].set(jnp.array([40, 41, 42]))  # garbage in padded slots
+  a = model(ids, mask).last_hidden_state[:, :5]
+  b = model(ids_pad, mask).last_hidden_state[:, :5]
+  np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_masked_positions_gather_equals_full_logits():
+  model = build_model(CFG)
+  ids = jax.random.randint(jax.random.key(1), (2, 12), 5, 97)
+  pos = jnp.array([[1, 4, 7], [0, 2, 11]])
+  full = model(ids).logits
+  gathered = model(ids, masked_positions=pos).logits
+  np.testing.assert_allclose(gathered, jnp.take_along_axis(full, pos[..., None], 1), atol=1e-5)
+  assert full.shape == (2, 12, 97)
+
+
+def test_bf16_compute_close_to_f32():
+  m32 = build_model(CFG)
+  m16 = build_model(CFG.replace(dtype="bfloat16"))
+  ids = jax.random.randint(jax.random.key(2), (2, 12), 5, 97)
+  a, b = m32(ids).logits, m16(ids).logits
+  assert nnx.state(m16, nnx.Param)["bert"]["pooler"]["kernel"][...].dtype == jnp.float32
+  assert jnp.abs(a - b).max() < 0.05 * jnp.abs(a).max()
+
+
+def test_dropout_is_seeded():
+  model = build_model(CFG)
+  ids = jax.random.randint(jax.random.key(3), (2, 12), 5, 97)
+  a = model(ids, rngs=nnx.Rngs(dropout=0)).logits
+  b = model(ids, rngs=nnx.Rngs(dropout=0)).logits
+  c = model(ids, rngs=nnx.Rngs(dropout=1)).logits
+  d = model(ids).logits
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c) and not np.allclose(a, d)
