@@ -4,6 +4,8 @@ Thin on purpose: all logic lives in importable modules. User errors (bad config,
 missing or unreadable data) print one line and exit with status 2.
 """
 
+import ctypes
+import os
 import sys
 
 from absl import app, flags, logging
@@ -14,6 +16,17 @@ from jaxlm.errors import JaxlmError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints, metrics.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+
+
+def _tune_malloc() -> None:
+  """glibc malloc without per-allocation mmap or trimming: XLA:CPU's step buffers
+  otherwise cost ~100k page faults a step (shared/PERF-NOTES.md: +12-27% speed)."""
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:  # not glibc
+    return
+  for option, value in ((-8, 1), (-4, 0), (-1, 2**31 - 1), (-2, 256 << 20)):
+    libc.mallopt(option, value)  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD, M_TOP_PAD
 
 
 def _fail(msg: str):
@@ -49,6 +62,8 @@ def main(argv):
   except (OSError, ImportError, AttributeError, KeyError, TypeError, ValueError,
           SyntaxError) as e:
     _fail(f"--config: {_one_line(e)}")
+  if os.environ.get("JAXLM_MALLOC_TUNING", "1") == "1":
+    _tune_malloc()
   from jaxlm.train import loop  # heavy imports after the cheap checks
   try:
     if _MODE.value == "eval":

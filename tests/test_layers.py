@@ -73,3 +73,16 @@ def test_dropout_is_seeded():
   d = model(ids).logits
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c) and not np.allclose(a, d)
+
+
+def test_bf16_matmul_gradients_close_to_f32():
+  from jaxlm.layers.linear import matmul
+  kx, kw = jax.random.split(jax.random.key(4))
+  x = jax.random.normal(kx, (3, 5, 16))
+  w = jax.random.normal(kw, (16, 8))
+  f = lambda dtype: lambda x, w: (jnp.sin(matmul(x, w, dtype))).sum()
+  g32 = jax.grad(f(jnp.float32), argnums=(0, 1))(x, w)
+  g16 = jax.grad(f(jnp.bfloat16), argnums=(0, 1))(x, w)
+  for a, b in zip(g32, g16):
+    assert a.shape == b.shape and a.dtype == b.dtype == jnp.float32
+    assert jnp.abs(a - b).max() < 0.05 * jnp.abs(a).max()

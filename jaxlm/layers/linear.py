@@ -10,8 +10,39 @@ def normal_init(std: float):
   return jax.nn.initializers.normal(stddev=std)
 
 
+@jax.custom_vjp
+def _bf16_matmul(x, w):
+  return jnp.matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                    preferred_element_type=jnp.float32)
+
+
+def _bf16_matmul_fwd(x, w):
+  x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  # Zero-size carriers of the input dtypes (residuals must be arrays).
+  carriers = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+  return jnp.matmul(x16, w16, preferred_element_type=jnp.float32), (x16, w16, carriers)
+
+
+def _bf16_matmul_bwd(res, g):
+  # The default gradient feeds an f32 cotangent, and XLA then runs both backward matmuls
+  # in f32; casting it to bf16 keeps them on the fast path. The weight gradient is
+  # written as an explicit 2-D transpose-matmul: XLA:CPU has no bf16 kernel for the
+  # batched dot with a transposed left operand that autodiff would emit.
+  x16, w16, (x_like, w_like) = res
+  g16 = g.astype(jnp.bfloat16)
+  dx = jnp.matmul(g16, w16.T, preferred_element_type=jnp.float32)
+  dw = jnp.matmul(x16.reshape(-1, x16.shape[-1]).T, g16.reshape(-1, g16.shape[-1]),
+                  preferred_element_type=jnp.float32)
+  return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
 def matmul(x, w, dtype):
   """x @ w with operands cast to `dtype` and float32 accumulation."""
+  if jnp.dtype(dtype) == jnp.bfloat16 and w.ndim == 2:
+    return _bf16_matmul(x, w)
   return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 

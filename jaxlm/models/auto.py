@@ -36,7 +36,7 @@ def build_model(cfg: ModelConfig, *, seed: int = 0) -> nnx.Module:
 def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
   state = nnx.state(model, nnx.Param)
   return {".".join(str(k) for k in path): np.asarray(v.get_value())
-          for path, v in state.flat_state()}
+          for path, v in nnx.to_flat_state(state)}
 
 
 def save_pretrained(model: nnx.Module, directory: str) -> None:
@@ -48,7 +48,7 @@ def save_pretrained(model: nnx.Module, directory: str) -> None:
 def load_params(model: nnx.Module, tensors: dict[str, np.ndarray], source: str) -> nnx.Module:
   """Copies tensors into the model by path; names the tensor on any mismatch."""
   state = nnx.state(model, nnx.Param)
-  expected = dict(state.flat_state())
+  expected = dict(nnx.to_flat_state(state))
   for path, var in expected.items():
     name = ".".join(str(k) for k in path)
     if name not in tensors:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -24,6 +25,9 @@ from jaxlm.train.checkpoint import Checkpointer
 from jaxlm.train.metrics import MetricsWriter
 from jaxlm.train.optim import make_optimizer
 from jaxlm.train.steps import make_eval_step, make_train_step
+
+
+_KILL_AT_STEP = int(os.environ.get("JAXLM_KILL_AT_STEP", "0"))
 
 
 def log(msg: str) -> None:
@@ -119,6 +123,8 @@ def train(cfg, workdir: str) -> dict[str, Any]:
     batch = next(data_iter)
     params, opt_state, m = train_step(params, opt_state, batch, step)
     step += 1
+    if step == _KILL_AT_STEP:  # fault injection for the resume tests: die with no cleanup
+      os.kill(os.getpid(), signal.SIGKILL)
     n_tok = int(batch["attention_mask"].sum())
     run["tokens_seen"] += n_tok
     interval_tokens += n_tok
@@ -132,6 +138,10 @@ def train(cfg, workdir: str) -> dict[str, Any]:
              "nsp_accuracy": m["nsp_correct"] / max(m["nsp_count"], 1)}
       writer.write(step, row)
       bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+      if bar.disable:  # no terminal: a plain progress line instead of the bar
+        eta = (t.steps - step) * dt / t.log_every
+        log(f"step {step}/{t.steps} loss {row['loss']:.4f} tok/s {row['tokens_per_s']:.0f} "
+            f"eta {eta:.0f}s")
       interval_t0, interval_tokens = time.time(), 0
     if step % t.eval_every == 0 or step == t.steps:
       val = evaluator(params, "validation")
