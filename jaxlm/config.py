@@ -24,10 +24,17 @@ _HF_IGNORED_KEYS = frozenset({
     "classifier_dropout", "_name_or_path", "id2label", "label2id", "problem_type",
     "output_past", "return_dict", "output_hidden_states", "output_attentions",
     "is_decoder", "add_cross_attention", "chunk_size_feed_forward", "pruned_heads",
-    "tie_encoder_decoder", "torchscript", "bos_token_id", "eos_token_id",
+    "tie_encoder_decoder", "torchscript",
 })
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_CHOICES = {
+    "norm_type": ("layernorm", "rmsnorm"),
+    "norm_position": ("post", "pre"),
+    "mlp_type": ("plain", "gated"),
+    "position_embedding_type": ("absolute", "rope", "alibi", "none"),
+    "attention_backend": ("xla",),
+}
 
 
 @dataclasses.dataclass
@@ -51,8 +58,31 @@ class ModelConfig:
   layer_norm_eps: float = 1e-12
   initializer_range: float = 0.02
   pad_token_id: int = 0
-  position_embedding_type: str = "absolute"
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
   tie_word_embeddings: bool = True
+
+  # ---- block layout: the defaults are BERT; decoders flip what they need --------------
+  causal: bool = False  # decoder-only: causal self-attention
+  norm_type: str = "layernorm"  # "layernorm" | "rmsnorm" (eps: layer_norm_eps)
+  norm_position: str = "post"  # "post" (BERT) | "pre" (GPT, Llama, ...; adds a final norm)
+  norm_bias: bool = True  # LayerNorm with a bias (MPT has none)
+  embedding_norm: bool = False  # a norm straight after the token embedding (BLOOM)
+  mlp_type: str = "plain"  # "plain": act(up x) | "gated": act(gate x) * up x (SwiGLU/GeGLU)
+  mlp_bias: bool = True
+  attention_bias: bool = True  # q/k/v projection biases
+  attention_out_bias: bool | None = None  # output projection bias (None: attention_bias)
+  parallel_residual: bool = False  # x + attn(ln1 x) + mlp(ln2 x) (GPT-NeoX)
+  sliding_window: int | None = None  # attend iff 0 <= i - j < sliding_window
+
+  # ---- positions ------------------------------------------------------------------
+  position_embedding_type: str = "absolute"  # "absolute" | "rope" | "alibi" | "none"
+  position_ids_from_mask: bool = False  # RoBERTa: positions count real tokens from pad+1
+  rope_theta: float = 10000.0
+  partial_rotary_factor: float = 1.0  # fraction of each head's dims that rotate (NeoX)
+  # {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor",
+  #  "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+  rope_scaling: dict | None = None
   # Compute dtype of matmuls; parameters stay in param_dtype (mixed precision).
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -90,12 +120,19 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ConfigError(f"model.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
-    if self.position_embedding_type != "absolute":
+    for name, choices in _CHOICES.items():
+      if getattr(self, name) not in choices:
+        raise ConfigError(f"model.{name} must be one of {choices}, got {getattr(self, name)!r}")
+    if self.sliding_window is not None and self.sliding_window <= 0:
+      raise ConfigError(f"model.sliding_window must be positive, got {self.sliding_window}")
+    if not 0.0 < self.partial_rotary_factor <= 1.0:
       raise ConfigError(
-          f"model.position_embedding_type {self.position_embedding_type!r} is not supported "
-          "for this model yet (supported: 'absolute')")
-    if self.attention_backend not in ("xla",):
-      raise ConfigError(f"model.attention_backend must be 'xla', got {self.attention_backend!r}")
+          f"model.partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+    if self.rope_scaling is not None:
+      kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+      if kind not in ("linear", "llama3", "default"):
+        raise ConfigError(f"model.rope_scaling: unknown rope_type {kind!r} "
+                          "(supported: linear, llama3)")
 
   @property
   def kv_heads(self) -> int:

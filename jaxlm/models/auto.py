@@ -1,28 +1,28 @@
-"""Build a model from its config, and save/load jaxlm exports.
+"""Build a model from its config; `from_pretrained` / `save_pretrained` for directories.
 
-A jaxlm export is `config.json` (ModelConfig) plus `model.safetensors` whose tensor
-names are the module paths ("bert.layers.0.attn.q.kernel"). Hugging Face layouts
-map onto these paths in `jaxlm/hf/`.
+An architecture with a Hugging Face family (`jaxlm/hf/`) is saved and loaded in HF
+format, so transformers reads what we write. Anything else is a jaxlm export:
+`config.json` (ModelConfig) plus `model.safetensors` named by module path
+("bert.layers.0.attn.q.kernel").
 """
 
 from __future__ import annotations
 
 import os
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError, DataError
-from jaxlm.models.encoder import BertForPreTraining, BertModel
+from jaxlm.models import decoder, encoder
 
 WEIGHTS_NAME = "model.safetensors"
 
-ARCHITECTURES = {
-    "BertForPreTraining": BertForPreTraining,
-    "BertModel": BertModel,
-}
+# Architecture names are Hugging Face class names; each module lists its own.
+ARCHITECTURES = {**encoder.ARCHITECTURES, **decoder.ARCHITECTURES}
 
 
 def build_model(cfg: ModelConfig, *, seed: int = 0) -> nnx.Module:
@@ -33,13 +33,29 @@ def build_model(cfg: ModelConfig, *, seed: int = 0) -> nnx.Module:
   return ARCHITECTURES[arch](cfg, rngs=nnx.Rngs(params=seed))
 
 
+def build_abstract_model(cfg: ModelConfig) -> nnx.Module:
+  """The model with shape-only parameters: no random init for weights about to be loaded."""
+  return nnx.eval_shape(lambda: build_model(cfg))
+
+
 def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
   state = nnx.state(model, nnx.Param)
   return {".".join(str(k) for k in path): np.asarray(v.get_value())
           for path, v in nnx.to_flat_state(state)}
 
 
+def _hf_family(arch: str | None):
+  from jaxlm.hf import FAMILIES
+  from jaxlm.hf.convert import _discover
+  _discover()
+  return FAMILIES.get(arch)
+
+
 def save_pretrained(model: nnx.Module, directory: str) -> None:
+  arch = (model.config.architectures or [None])[0]
+  if _hf_family(arch) is not None:
+    from jaxlm.hf import convert
+    return convert.save(model, directory)
   os.makedirs(directory, exist_ok=True)
   model.config.save_pretrained(directory)
   save_file(flat_params(model), os.path.join(directory, WEIGHTS_NAME))
@@ -57,7 +73,7 @@ def load_params(model: nnx.Module, tensors: dict[str, np.ndarray], source: str) 
     if tuple(value.shape) != tuple(var.get_value().shape):
       raise DataError(f"{source}: tensor {name!r} has shape {tuple(value.shape)}, "
                       f"expected {tuple(var.get_value().shape)}")
-    var.set_value(np.asarray(value, dtype=var.get_value().dtype))
+    var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
   names = {".".join(str(k) for k in p) for p in expected}
   extra = sorted(set(tensors) - names)
   if extra:
@@ -67,7 +83,12 @@ def load_params(model: nnx.Module, tensors: dict[str, np.ndarray], source: str) 
 
 
 def from_pretrained(directory: str) -> nnx.Module:
-  """Loads a jaxlm export directory (config.json + model.safetensors)."""
+  """Loads a Hugging Face model directory or a jaxlm export."""
+  from jaxlm.hf.convert import read_hf_config
+  arch = (read_hf_config(directory).get("architectures") or [None])[0]
+  if _hf_family(arch) is not None:
+    from jaxlm.hf import convert
+    return convert.load(directory)
   cfg = ModelConfig.from_pretrained(directory)
   path = os.path.join(directory, WEIGHTS_NAME)
   if not os.path.exists(path):
@@ -76,5 +97,4 @@ def from_pretrained(directory: str) -> nnx.Module:
                       "Convert it to safetensors first (transformers: "
                       "model.save_pretrained(dir, safe_serialization=True))")
     raise DataError(f"{directory}: no {WEIGHTS_NAME}")
-  model = build_model(cfg)
-  return load_params(model, load_file(path), path)
+  return load_params(build_abstract_model(cfg), load_file(path), path)

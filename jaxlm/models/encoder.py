@@ -10,6 +10,7 @@ from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
 from jaxlm.layers.mlp import MLP
 from jaxlm.layers.norm import LayerNorm
+from jaxlm.models.base import PreTrainedModel
 from jaxlm.models.heads import MLMHead, NSPHead, _dtypes
 from jaxlm.models.outputs import ModelOutput
 
@@ -61,7 +62,7 @@ class EncoderBlock(nnx.Module):
     return self.mlp_norm(x_BTD + h)
 
 
-class BertModel(nnx.Module):
+class BertModel(PreTrainedModel):
   """Embeddings, a stack of encoder blocks and the [CLS] pooler."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, add_pooler: bool = True):
@@ -83,7 +84,7 @@ class BertModel(nnx.Module):
     return ModelOutput(last_hidden_state=x_BTD, pooler_output=pooled_BD)
 
 
-class BertForPreTraining(nnx.Module):
+class BertForPreTraining(PreTrainedModel):
   """BERT with the MLM head (tied to the word embeddings) and the NSP head.
 
   `masked_positions` [B, P] restricts the vocabulary projection to those positions:
@@ -106,3 +107,9 @@ class BertForPreTraining(nnx.Module):
       h = jnp.take_along_axis(h, masked_positions[..., None], axis=1)
     logits = self.mlm(h, self.bert.embeddings.word)
     return out.replace(logits=logits, nsp_logits=self.nsp(out.pooler_output))
+
+
+ARCHITECTURES = {
+    "BertForPreTraining": BertForPreTraining,
+    "BertModel": BertModel,
+}

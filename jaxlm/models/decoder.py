@@ -1,0 +1,3 @@
+"""Decoder-only causal language models (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX)."""
+
+ARCHITECTURES: dict = {}
