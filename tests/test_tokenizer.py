@@ -207,7 +207,7 @@ def test_load_errors(tmp_path):
   with pytest.raises(DataError, match="not a valid tokenizer.json"):
     Tokenizer.load(str(bad_json))
   bad_json.write_text(json.dumps({"model": {"type": "BPE"}}), encoding="utf-8")
-  with pytest.raises(DataError, match="only WordPiece"):
+  with pytest.raises(DataError, match="invalid BPE tokenizer.json"):
     Tokenizer.load(str(bad_json))
   bad_model = tmp_path / "x.model"
   bad_model.write_bytes(b"\x00garbage\xff")

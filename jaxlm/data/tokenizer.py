@@ -1,8 +1,12 @@
-"""Subword tokenizers: a WordPiece (HF `tokenizers`) or SentencePiece backend.
+"""Subword tokenizers: an HF `tokenizers` backend (WordPiece, BPE, Unigram, ...) or
+SentencePiece.
 
-Trained tokenizers of both kinds give the special tokens the same ids, 0..4
-(`SPECIAL_TOKENS`). Files are JSON (tokenizer.json), SentencePiece protobuf
-(*.model) or plain text (BERT vocab.txt); nothing is ever unpickled.
+Tokenizers we train (WordPiece or SentencePiece) give the special tokens the same
+ids, 0..4 (`SPECIAL_TOKENS`). Ready-made ones load through one call,
+`load_tokenizer(path)`: any HF tokenizer.json (GPT-2/Llama BPE, Unigram, WordPiece), a
+SentencePiece *.model or a BERT vocab.txt; their special ids are read from the files
+(`jaxlm.data.special_tokens`) and are None where a role does not exist. Files are JSON,
+SentencePiece protobuf or plain text; nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -21,19 +25,22 @@ import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from jaxlm.data import special_tokens
 from jaxlm.errors import ConfigError, DataError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS
 KINDS = ("wordpiece", "sentencepiece")
 SPM_MODEL_TYPES = ("unigram", "bpe")
-WORDPIECE_FILE = "tokenizer.json"
+HF_FILE = "tokenizer.json"
+WORDPIECE_FILE = HF_FILE  # what trained WordPiece tokenizers are saved as
+_HF_CONFIG_FILE = "tokenizer_config.json"  # transformers' sidecar: class + special tokens
 SPM_FILE = "spm.model"
 BERT_VOCAB_FILE = "vocab.txt"
 
 _PREFIX = "##"  # WordPiece continuing-subword prefix
 _SPM_SPACE = "\u2581"  # "▁": SentencePiece's word-boundary marker
-_SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+_SPACE_MARKERS = {"ByteLevel": "\u0120", "Metaspace": _SPM_SPACE}  # "Ġ" (GPT-2), "▁"
 # Unigram training depends on the thread count, so it is fixed for reproducibility.
 _SPM_THREADS = 8
 # SentencePiece holds its training sentences in memory; beyond this many lines
@@ -43,30 +50,50 @@ _SPM_MAX_LINE_CHARS = 4000  # spm silently skips lines over 4192 bytes; we split
 
 
 class Tokenizer:
-  """Uniform interface over a WordPiece or SentencePiece backend."""
+  """Uniform interface over an HF `tokenizers` or a SentencePiece backend.
+
+  `kind` is "sentencepiece" or the HF model type in lower case ("wordpiece", "bpe",
+  "unigram", "wordlevel"). `pad_id`, `unk_id`, `cls_id`, `sep_id`, `mask_id`, `bos_id`
+  and `eos_id` are None where the tokenizer has no such token; `require` checks them.
+  """
 
   def __init__(self, backend: HFTokenizer | spm.SentencePieceProcessor, *,
-               source: str = "<memory>"):
+               source: str = "<memory>", named_tokens: dict[str, str | None] | None = None):
+    """`named_tokens` (role -> token text or None, as in transformers' tokenizer_config)
+    overrides the roles found in the backend itself."""
     if isinstance(backend, HFTokenizer):
-      self.kind = "wordpiece"
       self._hf = backend
+      self.kind = type(backend.model).__name__.lower()
       # Literal "[MASK]" in data is plain text (as with SentencePiece control
       # symbols); use encode(..., parse_special=True) to get the special ids.
       self._hf.encode_special_tokens = True
-      lookup = self._hf.token_to_id
+      spec = json.loads(backend.to_str())
+      stated, unk_id = special_tokens.roles_from_tokenizer_json(spec)
+      found = special_tokens.resolve(backend.token_to_id, named=named_tokens, stated=stated,
+                                     ids={"unk": unk_id})
+      special = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+      self._marker = _space_marker(spec)
     elif isinstance(backend, spm.SentencePieceProcessor):
-      self.kind = "sentencepiece"
       self._sp = backend
-      lookup = self._spm_piece_id
+      self.kind = "sentencepiece"
+      ids = {"pad": backend.pad_id(), "unk": backend.unk_id(), "bos": backend.bos_id(),
+             "eos": backend.eos_id()}
+      found = special_tokens.resolve(self._spm_piece_id, named=named_tokens, ids={
+          k: (v if v >= 0 else None) for k, v in ids.items()})
+      special = {backend.id_to_piece(i): i for i in range(backend.get_piece_size())
+                 if backend.is_control(i) or backend.is_unknown(i)}
     else:
       raise TypeError(f"unsupported tokenizer backend {type(backend).__name__}")
     self.source = source
-    ids = {token: lookup(token) for token in SPECIAL_TOKENS}
-    missing = [token for token, i in ids.items() if i is None]
-    if missing:
-      raise DataError(f"{source}: tokenizer lacks special token(s) {', '.join(missing)}")
-    self._special = ids
-    self.special_ids = frozenset(ids.values())
+    self._roles = found
+    for i in self._roles.values():
+      if i is not None:
+        special[self.id_to_token(i)] = i
+    self._special = special  # token text -> id, for parse_special
+    self._special_re = (re.compile("(" + "|".join(
+        re.escape(t) for t in sorted(special, key=len, reverse=True)) + ")")
+                        if special else None)
+    self.special_ids = frozenset(special.values())
 
   def __repr__(self) -> str:
     return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, source={self.source!r})"
@@ -74,24 +101,33 @@ class Tokenizer:
   # ---- vocabulary ------------------------------------------------------------------------
   @functools.cached_property
   def vocab_size(self) -> int:
-    if self.kind == "wordpiece":
+    if self.kind != "sentencepiece":
       return self._hf.get_vocab_size(with_added_tokens=True)
     return self._sp.get_piece_size()
 
-  pad_id = property(lambda self: self._special[PAD])
-  unk_id = property(lambda self: self._special[UNK])
-  cls_id = property(lambda self: self._special[CLS])
-  sep_id = property(lambda self: self._special[SEP])
-  mask_id = property(lambda self: self._special[MASK])
+  pad_id = property(lambda self: self._roles["pad"])
+  unk_id = property(lambda self: self._roles["unk"])
+  cls_id = property(lambda self: self._roles["cls"])
+  sep_id = property(lambda self: self._roles["sep"])
+  mask_id = property(lambda self: self._roles["mask"])
+  bos_id = property(lambda self: self._roles["bos"])
+  eos_id = property(lambda self: self._roles["eos"])
+
+  def require(self, *roles: str) -> None:
+    """Raises DataError naming the roles (e.g. "mask") this tokenizer has no token for."""
+    missing = [r for r in roles if self._roles[r] is None]
+    if missing:
+      raise DataError(f"{self.source}: tokenizer has no {', '.join(missing)} token "
+                      f"(needed here); ids: {self._roles}")
 
   def id_to_token(self, i: int) -> str:
     i = int(i)
     if not 0 <= i < self.vocab_size:
       raise IndexError(f"token id {i} out of range [0, {self.vocab_size})")
-    return self._hf.id_to_token(i) if self.kind == "wordpiece" else self._sp.id_to_piece(i)
+    return self._hf.id_to_token(i) if self.kind != "sentencepiece" else self._sp.id_to_piece(i)
 
   def token_to_id(self, token: str) -> int | None:
-    if self.kind == "wordpiece":
+    if self.kind != "sentencepiece":
       return self._hf.token_to_id(token)
     return self._spm_piece_id(token)
 
@@ -106,16 +142,26 @@ class Tokenizer:
 
   @functools.cached_property
   def word_start_mask(self) -> np.ndarray:
-    """bool[vocab_size]: `is_word_start` for every id, for vectorized masking."""
+    """bool[vocab_size]: `is_word_start` for every id, for vectorized masking.
+
+    WordPiece marks continuations ("##ing"); SentencePiece, GPT-2 byte-level BPE and
+    Metaspace vocabularies mark word starts ("▁the", "Ġthe"). A vocabulary with neither
+    treats every token as a word start.
+    """
     mask = np.zeros(self.vocab_size, dtype=bool)
     for i in range(self.vocab_size):
       if i in self.special_ids:
         continue
-      if self.kind == "wordpiece":
-        token = self._hf.id_to_token(i)
-        mask[i] = token is not None and not token.startswith(_PREFIX)
-      else:
+      if self.kind == "sentencepiece":
         mask[i] = self._sp.id_to_piece(i).startswith(_SPM_SPACE) and not self._sp.is_byte(i)
+        continue
+      token = self._hf.id_to_token(i)
+      if token is None:
+        continue
+      if self.kind == "wordpiece":
+        mask[i] = not token.startswith(self._hf.model.continuing_subword_prefix)
+      else:
+        mask[i] = self._marker is None or token.startswith(self._marker)
     return mask
 
   # ---- encoding ----------------------------------------------------------------------------
@@ -125,9 +171,9 @@ class Tokenizer:
     With parse_special=True, literal "[MASK]", "[SEP]", ... in `text` become
     their special ids (for fill-mask prompts); otherwise they are plain text.
     """
-    if parse_special:
+    if parse_special and self._special_re is not None:
       ids: list[int] = []
-      for part in _SPECIAL_RE.split(text):
+      for part in self._special_re.split(text):
         ids.extend([self._special[part]] if part in self._special else self._encode(part))
       return ids
     return self._encode(text)
@@ -135,7 +181,7 @@ class Tokenizer:
   def _encode(self, text: str) -> list[int]:
     if not text:
       return []
-    if self.kind == "wordpiece":
+    if self.kind != "sentencepiece":
       return self._hf.encode(text, add_special_tokens=False).ids
     return self._sp.encode(text, out_type=int)
 
@@ -144,14 +190,14 @@ class Tokenizer:
     texts = list(texts)
     if not texts:
       return []
-    if self.kind == "wordpiece":
+    if self.kind != "sentencepiece":
       return [e.ids for e in self._hf.encode_batch_fast(texts, add_special_tokens=False)]
     return self._sp.encode(texts, out_type=int)
 
   def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
     """Text of `ids`; special tokens are dropped unless skip_special=False."""
     ids = [int(i) for i in ids]
-    if self.kind == "wordpiece":
+    if self.kind != "sentencepiece":
       return self._hf.decode(ids, skip_special_tokens=skip_special)
     if skip_special:
       return self._sp.decode([i for i in ids if i not in self.special_ids])
@@ -168,11 +214,21 @@ class Tokenizer:
 
   # ---- files -------------------------------------------------------------------------------
   def save(self, directory: str) -> str:
-    """Writes tokenizer.json (wordpiece) or spm.model (sentencepiece); returns the path."""
+    """Writes tokenizer.json (HF backends) or spm.model (sentencepiece); returns the path.
+
+    HF backends also get a tokenizer_config.json naming the generic fast tokenizer and
+    the special tokens: without it transformers picks a class from the model's
+    config.json (BertTokenizer, which lowercases) instead of using tokenizer.json as is.
+    """
     os.makedirs(directory, exist_ok=True)
-    if self.kind == "wordpiece":
-      path = os.path.join(directory, WORDPIECE_FILE)
+    if self.kind != "sentencepiece":
+      path = os.path.join(directory, HF_FILE)
       self._hf.save(path)
+      sidecar = {"tokenizer_class": "PreTrainedTokenizerFast"}
+      sidecar.update({f"{role}_token": self.id_to_token(i)
+                      for role, i in self._roles.items() if i is not None})
+      with open(os.path.join(directory, _HF_CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(sidecar, f, indent=2, sort_keys=True)
     else:
       path = os.path.join(directory, SPM_FILE)
       with open(path, "wb") as f:
@@ -180,26 +236,38 @@ class Tokenizer:
     return path
 
   @classmethod
-  def load(cls, path: str, *, lowercase: bool = False) -> Tokenizer:
-    """Loads tokenizer.json, a SentencePiece *.model or a BERT vocab.txt.
+  def load(cls, path: str, *, lowercase: bool | None = None) -> Tokenizer:
+    """Loads tokenizer.json (any HF model type), a SentencePiece *.model or a BERT vocab.txt.
 
-    `path` may be the file or a directory holding one (tried in that order).
-    `lowercase` only applies to vocab.txt (use True for uncased BERT vocabularies).
+    `path` may be the file or a directory holding one (tried in that order). Special
+    tokens named by a transformers tokenizer_config.json / special_tokens_map.json in
+    the same directory take precedence over what the file itself says.
+    `lowercase` only applies to vocab.txt (default: the config's `do_lower_case`, else
+    False; use True for uncased BERT vocabularies).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
       path = _find_in_directory(path)
     if not os.path.isfile(path):
       raise DataError(f"tokenizer: no such file or directory: {path!r}")
-    name = os.path.basename(path)
+    name, directory = os.path.basename(path), os.path.dirname(path)
+    named = special_tokens.read_sidecars(directory)
     if name.endswith(".json"):
-      return cls(_load_wordpiece_json(path), source=path)
+      return cls(_load_hf_json(path), source=path, named_tokens=named)
     if name.endswith(".model"):
-      return cls(_load_spm(path), source=path)
+      return cls(_load_spm(path), source=path, named_tokens=named)
     if name.endswith(".txt"):
-      return cls(_load_bert_vocab(path, lowercase), source=path)
+      if lowercase is None:
+        lowercase = bool(_sidecar_config(directory).get("do_lower_case", False))
+      return cls(_load_bert_vocab(path, lowercase), source=path, named_tokens=named)
     raise DataError(f"{path}: unknown tokenizer file type (expected tokenizer.json, "
                     "*.model or vocab.txt)")
+
+
+def load_tokenizer(path: str, *, lowercase: bool | None = None) -> Tokenizer:
+  """The tokenizer in `path` (a file, or a directory holding tokenizer.json, a SentencePiece
+  *.model or vocab.txt), whatever model type it is. See `Tokenizer.load`."""
+  return Tokenizer.load(path, lowercase=lowercase)
 
 
 def _find_in_directory(directory: str) -> str:
@@ -228,19 +296,49 @@ def _read_text(path: str) -> str:
     raise DataError(f"{path}: not valid UTF-8 at byte offset {e.start}") from None
 
 
-def _load_wordpiece_json(path: str) -> HFTokenizer:
+def _sidecar_config(directory: str) -> dict:
+  path = os.path.join(directory, _HF_CONFIG_FILE)
+  try:
+    with open(path, encoding="utf-8") as f:
+      d = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return d if isinstance(d, dict) else {}
+
+
+def _load_hf_json(path: str) -> HFTokenizer:
   text = _read_text(path)
   try:
-    model_type = json.loads(text).get("model", {}).get("type")
+    model = json.loads(text).get("model")
   except (json.JSONDecodeError, AttributeError):
     raise DataError(f"{path}: not a valid tokenizer.json") from None
-  if model_type != "WordPiece":
-    raise DataError(f"{path}: only WordPiece tokenizer.json files are supported, "
-                    f"found model type {model_type!r}")
+  if not isinstance(model, dict) or "type" not in model:
+    raise DataError(f"{path}: not a valid tokenizer.json (no model type)")
   try:
     return HFTokenizer.from_str(text)
   except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f"{path}: invalid tokenizer.json ({str(e).splitlines()[0]})") from None
+    raise DataError(f"{path}: invalid {model['type']} tokenizer.json "
+                    f"({str(e).splitlines()[0]})") from None
+
+
+def _steps(part) -> list[dict]:
+  """The steps of one pipeline component (normalizer, pre_tokenizer, decoder), flattened."""
+  if not isinstance(part, dict):
+    return []
+  subs = part.get("normalizers") or part.get("pretokenizers") or part.get("decoders")
+  return [step for sub in subs for step in _steps(sub)] if subs else [part]
+
+
+def _space_marker(spec: dict) -> str | None:
+  """The character that starts a word's first token ("Ġ", "▁"), if the pipeline has one."""
+  for step in _steps(spec.get("pre_tokenizer")) + _steps(spec.get("decoder")):
+    if step.get("type") in _SPACE_MARKERS:
+      return step.get("replacement", _SPACE_MARKERS[step["type"]])
+  # Llama-2 style: the normalizer itself writes "▁" for spaces.
+  for step in _steps(spec.get("normalizer")):
+    if _SPM_SPACE in json.dumps(step, ensure_ascii=False):
+      return _SPM_SPACE
+  return None
 
 
 def _load_spm(path: str) -> spm.SentencePieceProcessor:

@@ -12,7 +12,7 @@ from jaxlm.errors import DataError
 from jaxlm.hf import FAMILIES, Family
 from jaxlm.hf.io import read_tensors, write_tensors
 
-_NOT_FAMILIES = {"convert", "io"}
+_NOT_FAMILIES = {"common", "convert", "io"}
 
 
 def _discover() -> None:

@@ -16,24 +16,11 @@ _PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5",
             "flax_model.msgpack")
 
 
-def read_tensors(directory: str) -> dict:
-  """All tensors of a checkpoint directory as NumPy arrays (memory-mapped reads)."""
-  single, index = os.path.join(directory, SINGLE), os.path.join(directory, INDEX)
-  if os.path.exists(single):
-    return load_file(single)
-  if os.path.exists(index):
-    with open(index, encoding="utf-8") as f:
-      weight_map = json.load(f)["weight_map"]
-    out = {}
-    for shard in sorted(set(weight_map.values())):
-      path = os.path.join(directory, shard)
-      if not os.path.exists(path):
-        raise DataError(f"{index}: shard {shard!r} is missing")
-      out.update(load_file(path))
-    missing = sorted(set(weight_map) - set(out))
-    if missing:
-      raise DataError(f"{index}: tensor {missing[0]!r} is listed but not in any shard")
-    return out
+def check_weights(directory: str) -> None:
+  """Fails early, before any config parsing, on a directory without safetensors."""
+  if os.path.exists(os.path.join(directory, SINGLE)) or os.path.exists(
+      os.path.join(directory, INDEX)):
+    return
   for name in _PICKLES:
     if os.path.exists(os.path.join(directory, name)):
       raise DataError(
@@ -41,6 +28,26 @@ def read_tensors(directory: str) -> dict:
           "arbitrary code). Convert it once with transformers: AutoModel.from_pretrained(dir)"
           ".save_pretrained(out_dir) writes model.safetensors")
   raise DataError(f"{directory}: no {SINGLE} or {INDEX}")
+
+
+def read_tensors(directory: str) -> dict:
+  """All tensors of a checkpoint directory as NumPy arrays (memory-mapped reads)."""
+  check_weights(directory)
+  single, index = os.path.join(directory, SINGLE), os.path.join(directory, INDEX)
+  if os.path.exists(single):
+    return load_file(single)
+  with open(index, encoding="utf-8") as f:
+    weight_map = json.load(f)["weight_map"]
+  out = {}
+  for shard in sorted(set(weight_map.values())):
+    path = os.path.join(directory, shard)
+    if not os.path.exists(path):
+      raise DataError(f"{index}: shard {shard!r} is missing")
+    out.update(load_file(path))
+  missing = sorted(set(weight_map) - set(out))
+  if missing:
+    raise DataError(f"{index}: tensor {missing[0]!r} is listed but not in any shard")
+  return out
 
 
 def write_tensors(tensors: dict, directory: str) -> str:

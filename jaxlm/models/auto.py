@@ -85,16 +85,17 @@ def load_params(model: nnx.Module, tensors: dict[str, np.ndarray], source: str) 
 def from_pretrained(directory: str) -> nnx.Module:
   """Loads a Hugging Face model directory or a jaxlm export."""
   from jaxlm.hf.convert import read_hf_config
+  from jaxlm.hf.io import check_weights
+  if not os.path.isdir(directory):
+    raise DataError(f"{directory}: no such model directory")
+  check_weights(directory)
   arch = (read_hf_config(directory).get("architectures") or [None])[0]
   if _hf_family(arch) is not None:
     from jaxlm.hf import convert
     return convert.load(directory)
+  if arch is not None and arch not in ARCHITECTURES:
+    raise DataError(f"{directory}/config.json: unknown architecture {arch!r}; supported: "
+                    f"{sorted(ARCHITECTURES)}")
   cfg = ModelConfig.from_pretrained(directory)
   path = os.path.join(directory, WEIGHTS_NAME)
-  if not os.path.exists(path):
-    if os.path.exists(os.path.join(directory, "pytorch_model.bin")):
-      raise DataError(f"{directory}: only pytorch_model.bin (a pickle) found; we never unpickle. "
-                      "Convert it to safetensors first (transformers: "
-                      "model.save_pretrained(dir, safe_serialization=True))")
-    raise DataError(f"{directory}: no {WEIGHTS_NAME}")
   return load_params(build_abstract_model(cfg), load_file(path), path)

@@ -1,3 +1,191 @@
-"""Decoder-only causal language models (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX)."""
+"""Decoder-only causal language models (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX).
 
-ARCHITECTURES: dict = {}
+One generic composition of the shared layers, steered only by ModelConfig fields:
+
+  tokens -> embed (+ learned positions) (-> embed norm) -> N x block -> final norm -> LM head
+
+  block, sequential (pre-LN):  x = x + attn(norm1 x);  x = x + mlp(norm2 x)
+  block, parallel (GPT-NeoX):  x = x + attn(norm1 x) + mlp(norm2 x)
+  block, post-LN:              x = norm1(x + attn x);  x = norm2(x + mlp x)
+
+Positions enter as learned embeddings ("absolute"), rotations of q/k ("rope") or an
+additive logits bias ("alibi"). The families differ only in their configs (jaxlm/hf/*.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.config import ModelConfig
+from jaxlm.errors import ConfigError
+from jaxlm.layers.attention import Attention, causal_mask, padding_mask, segment_mask
+from jaxlm.layers.dropout import dropout
+from jaxlm.layers.embed import Embed
+from jaxlm.layers.linear import Dense
+from jaxlm.layers.mlp import MLP
+from jaxlm.layers.norm import LayerNorm, RMSNorm
+from jaxlm.layers.position import RoPE, alibi_bias, sinusoidal_table
+from jaxlm.models.base import PreTrainedModel
+from jaxlm.models.heads import _dtypes
+from jaxlm.models.outputs import ModelOutput
+
+
+def make_norm(cfg: ModelConfig) -> nnx.Module:
+  if cfg.norm_type == "rmsnorm":
+    return RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
+  return LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, use_bias=cfg.norm_bias,
+                   param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+def rope_spec(cfg: ModelConfig) -> RoPE | None:
+  if cfg.position_embedding_type != "rope":
+    return None
+  return RoPE.create(cfg.head_size, theta=cfg.rope_theta,
+                     partial_rotary_factor=cfg.partial_rotary_factor, scaling=cfg.rope_scaling)
+
+
+def segment_positions(segment_ids_BT):
+  """Positions that restart at 0 wherever the segment id changes (packed documents)."""
+  T = segment_ids_BT.shape[1]
+  t_BT = jnp.broadcast_to(jnp.arange(T), segment_ids_BT.shape)
+  starts_BT = jnp.concatenate(
+      [jnp.ones_like(segment_ids_BT[:, :1], bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]],
+      axis=1)
+  start_BT = jax.lax.cummax(jnp.where(starts_BT, t_BT, 0), axis=1)
+  return t_BT - start_BT
+
+
+def decoder_mask(cfg: ModelConfig, T: int, attention_mask_BT=None, segment_ids_BT=None):
+  """Boolean [B|1, 1, T, T]: causal (+ sliding window), real keys only, same segment only."""
+  mask = (causal_mask(T, T, window=cfg.sliding_window) if cfg.causal
+          else jnp.ones((1, 1, T, T), bool))
+  if attention_mask_BT is not None:
+    mask = mask & padding_mask(attention_mask_BT)
+  if segment_ids_BT is not None:
+    mask = mask & segment_mask(segment_ids_BT, segment_ids_BT) & padding_mask(segment_ids_BT > 0)
+  return mask
+
+
+class DecoderBlock(nnx.Module):
+  """Self-attention + MLP with pre-LN (sequential or parallel residual) or post-LN."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt = _dtypes(cfg)
+    self.attn_norm = make_norm(cfg)
+    self.attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
+                          num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                          use_bias=cfg.attention_bias, out_bias=cfg.attention_out_bias,
+                          dropout_rate=cfg.attention_probs_dropout_prob,
+                          init_std=cfg.initializer_range, backend=cfg.attention_backend,
+                          rope=rope_spec(cfg), rngs=rngs, **dt)
+    self.mlp_norm = make_norm(cfg)
+    self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, activation=cfg.hidden_act,
+                   gated=cfg.mlp_type == "gated", use_bias=cfg.mlp_bias,
+                   init_std=cfg.initializer_range, rngs=rngs, **dt)
+    self.pre_norm = cfg.norm_position == "pre"
+    self.parallel = cfg.parallel_residual
+    self.dropout_rate = cfg.hidden_dropout_prob
+
+  def __call__(self, x_BTD, mask, *, rope=None, bias=None, rngs=None):
+    def attn(h_BTD):
+      return dropout(self.attn(h_BTD, mask=mask, rope=rope, bias=bias, rngs=rngs),
+                     self.dropout_rate, rngs)
+
+    def mlp(h_BTD):
+      return dropout(self.mlp(h_BTD), self.dropout_rate, rngs)
+
+    if not self.pre_norm:
+      x_BTD = self.attn_norm(x_BTD + attn(x_BTD))
+      return self.mlp_norm(x_BTD + mlp(x_BTD))
+    if self.parallel:
+      return x_BTD + attn(self.attn_norm(x_BTD)) + mlp(self.mlp_norm(x_BTD))
+    x_BTD = x_BTD + attn(self.attn_norm(x_BTD))
+    return x_BTD + mlp(self.mlp_norm(x_BTD))
+
+
+class Decoder(nnx.Module):
+  """Embeddings and the block stack; returns final hidden states [B, T, D]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    if cfg.parallel_residual and cfg.norm_position != "pre":
+      raise ConfigError("model.parallel_residual requires model.norm_position='pre'")
+    kw = dict(init_std=cfg.initializer_range, rngs=rngs, **_dtypes(cfg))
+    self.config = cfg
+    self.embed = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
+    self.position = (Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
+                     if cfg.position_embedding_type == "absolute" else None)
+    if self.position is not None and cfg.position_embedding_init == "sinusoidal":
+      # Learned, but started from sinusoids at the embeddings' scale (as in the encoder).
+      table = sinusoidal_table(cfg.max_position_embeddings, cfg.hidden_size)
+      table = table / table.std() * cfg.initializer_range
+      self.position.embedding.set_value(jnp.asarray(table, self.position.embedding[...].dtype))
+    self.embed_norm = make_norm(cfg) if cfg.embedding_norm else None
+    self.layers = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None
+    self.rope = rope_spec(cfg)
+
+  def __call__(self, input_ids_BT, attention_mask=None, *, segment_ids=None, position_ids=None,
+               rngs: nnx.Rngs | None = None):
+    cfg = self.config
+    B, T = input_ids_BT.shape
+    if position_ids is None:
+      position_ids = (segment_positions(segment_ids) if segment_ids is not None
+                      else jnp.broadcast_to(jnp.arange(T), (B, T)))
+    mask = decoder_mask(cfg, T, attention_mask, segment_ids)
+
+    x_BTD = self.embed(input_ids_BT)
+    if self.position is not None:
+      x_BTD = x_BTD + self.position(position_ids)
+    if self.embed_norm is not None:
+      x_BTD = self.embed_norm(x_BTD)
+    x_BTD = dropout(x_BTD, cfg.hidden_dropout_prob, rngs)
+
+    # Position tables are computed once per forward and shared by every layer.
+    rope = self.rope(position_ids) if self.rope is not None else None
+    bias = (alibi_bias(position_ids, cfg.num_attention_heads)
+            if cfg.position_embedding_type == "alibi" else None)
+    for layer in self.layers:
+      x_BTD = layer(x_BTD, mask, rope=rope, bias=bias, rngs=rngs)
+    return self.norm(x_BTD) if self.norm is not None else x_BTD
+
+
+class DecoderForCausalLM(PreTrainedModel):
+  """A Decoder plus the LM head: tied to the token embedding or a bias-free Dense."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.model = Decoder(cfg, rngs=rngs)
+    self.lm_head = None if cfg.tie_word_embeddings else Dense(
+        cfg.hidden_size, cfg.vocab_size, use_bias=False, init_std=cfg.initializer_range,
+        rngs=rngs, **_dtypes(cfg))
+
+  def __call__(self, input_ids_BT, attention_mask=None, *, segment_ids=None, position_ids=None,
+               rngs: nnx.Rngs | None = None) -> ModelOutput:
+    """Next-token logits.
+
+    Args:
+      input_ids_BT: int [B, T].
+      attention_mask: [B, T], 1 = real token, 0 = padding (keys only; default all real).
+      segment_ids: int [B, T] for packed rows, 0 = padding: attention never crosses a
+        segment boundary, and positions restart at each segment unless given.
+      position_ids: int [B, T]; default 0..T-1 (or per segment, see above).
+      rngs: dropout randomness; None = deterministic.
+
+    Returns:
+      ModelOutput with logits [B, T, V] (float32) and last_hidden_state [B, T, D].
+    """
+    h_BTD = self.model(input_ids_BT, attention_mask, segment_ids=segment_ids,
+                       position_ids=position_ids, rngs=rngs)
+    logits_BTV = (self.model.embed.attend(h_BTD) if self.lm_head is None
+                  else self.lm_head(h_BTD))
+    return ModelOutput(logits=logits_BTV.astype(jnp.float32), last_hidden_state=h_BTD)
+
+
+# Hugging Face class names; every family is the same composition with a different config.
+ARCHITECTURES = {
+    name: DecoderForCausalLM
+    for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
+                 "BloomForCausalLM", "MptForCausalLM", "GPTNeoXForCausalLM")
+}

@@ -1,4 +1,9 @@
-"""Encoder-only models (BERT family), composed from the shared layer library."""
+"""Encoder-only models (BERT, RoBERTa, DistilBERT), composed from the shared layer library.
+
+The three families share one code path; the config says how they differ:
+RoBERTa counts positions from the padding id (`position_ids_from_mask`) and has one
+token type, DistilBERT has no token types (`type_vocab_size=0`) and no pooler.
+"""
 
 import jax.numpy as jnp
 from flax import nnx
@@ -10,28 +15,46 @@ from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
 from jaxlm.layers.mlp import MLP
 from jaxlm.layers.norm import LayerNorm
+from jaxlm.layers.position import sinusoidal_table
 from jaxlm.models.base import PreTrainedModel
 from jaxlm.models.heads import MLMHead, NSPHead, _dtypes
 from jaxlm.models.outputs import ModelOutput
 
 
+def position_ids_from_mask(input_ids_BT, pad_id: int):
+  """RoBERTa/fairseq positions: real tokens count pad+1, pad+2, ...; padding sits at pad."""
+  real_BT = (input_ids_BT != pad_id).astype(jnp.int32)
+  return jnp.cumsum(real_BT, axis=1) * real_BT + pad_id
+
+
 class Embeddings(nnx.Module):
-  """word + learned position + token type, then LayerNorm and dropout."""
+  """word + learned position (+ token type), then LayerNorm and dropout."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     kw = dict(init_std=cfg.initializer_range, rngs=rngs, **_dtypes(cfg))
     self.word = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
     self.position = Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
+    if cfg.position_embedding_init == "sinusoidal":
+      # Still learned, but started from sinusoids scaled to the word embeddings' std:
+      # offsets between positions are then linear maps, so attention to neighbours is
+      # learnable at once instead of per absolute position pair (BERT's slow start).
+      table = sinusoidal_table(cfg.max_position_embeddings, cfg.hidden_size)
+      table = table / table.std() * cfg.initializer_range
+      self.position.embedding.set_value(jnp.asarray(table, self.position.embedding[...].dtype))
     self.token_type = (Embed(cfg.type_vocab_size, cfg.hidden_size, **kw)
                        if cfg.type_vocab_size else None)
     self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
     self.dropout_rate = cfg.hidden_dropout_prob
+    self.pad_id = cfg.pad_token_id if cfg.position_ids_from_mask else None
 
   def __call__(self, input_ids_BT, token_type_ids_BT=None, position_ids_BT=None, rngs=None):
-    T = input_ids_BT.shape[1]
     if position_ids_BT is None:
-      position_ids_BT = jnp.arange(T)[None, :]
+      if self.pad_id is not None:
+        position_ids_BT = position_ids_from_mask(input_ids_BT, self.pad_id)
+      else:
+        position_ids_BT = jnp.arange(input_ids_BT.shape[1])[None, :]
     x_BTD = self.word(input_ids_BT) + self.position(position_ids_BT)
+    # Without a token-type table (DistilBERT) token_type_ids are ignored.
     if self.token_type is not None:
       if token_type_ids_BT is None:
         token_type_ids_BT = jnp.zeros_like(input_ids_BT)
@@ -63,7 +86,7 @@ class EncoderBlock(nnx.Module):
 
 
 class BertModel(PreTrainedModel):
-  """Embeddings, a stack of encoder blocks and the [CLS] pooler."""
+  """Embeddings, a stack of encoder blocks and the [CLS] pooler (BertModel, RobertaModel)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, add_pooler: bool = True):
     self.config = cfg
@@ -84,6 +107,43 @@ class BertModel(PreTrainedModel):
     return ModelOutput(last_hidden_state=x_BTD, pooler_output=pooled_BD)
 
 
+class DistilBertModel(BertModel):
+  """DistilBERT's base model: BertModel without the pooler (token types off via config)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs, add_pooler=False)
+
+
+def _gather(h_BTD, masked_positions_BP):
+  """Hidden states at `masked_positions` [B, P] only, or all of them when None."""
+  if masked_positions_BP is None:
+    return h_BTD
+  return jnp.take_along_axis(h_BTD, masked_positions_BP[..., None], axis=1)
+
+
+class BertForMaskedLM(PreTrainedModel):
+  """Encoder + MLM head, no pooler: BertForMaskedLM, RobertaForMaskedLM, DistilBertForMaskedLM.
+
+  `masked_positions` [B, P] restricts the vocabulary projection to those positions,
+  as in BertForPreTraining.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.bert = BertModel(cfg, rngs=rngs, add_pooler=False)
+    # RobertaLMHead applies exact GELU whatever hidden_act says; BERT and DistilBERT
+    # use the config's activation.
+    self.mlm = MLMHead(cfg, activation="gelu" if cfg.model_type == "roberta" else None,
+                       rngs=rngs)
+
+  def __call__(self, input_ids_BT, attention_mask=None, token_type_ids=None,
+               position_ids=None, *, masked_positions=None,
+               rngs: nnx.Rngs | None = None) -> ModelOutput:
+    out = self.bert(input_ids_BT, attention_mask, token_type_ids, position_ids, rngs=rngs)
+    h = _gather(out.last_hidden_state, masked_positions)
+    return out.replace(logits=self.mlm(h, self.bert.embeddings.word))
+
+
 class BertForPreTraining(PreTrainedModel):
   """BERT with the MLM head (tied to the word embeddings) and the NSP head.
 
@@ -102,14 +162,17 @@ class BertForPreTraining(PreTrainedModel):
                position_ids=None, *, masked_positions=None,
                rngs: nnx.Rngs | None = None) -> ModelOutput:
     out = self.bert(input_ids_BT, attention_mask, token_type_ids, position_ids, rngs=rngs)
-    h = out.last_hidden_state
-    if masked_positions is not None:
-      h = jnp.take_along_axis(h, masked_positions[..., None], axis=1)
-    logits = self.mlm(h, self.bert.embeddings.word)
+    logits = self.mlm(_gather(out.last_hidden_state, masked_positions), self.bert.embeddings.word)
     return out.replace(logits=logits, nsp_logits=self.nsp(out.pooler_output))
 
 
+# Hugging Face class names; RoBERTa and DistilBERT differ from BERT only through the config.
 ARCHITECTURES = {
     "BertForPreTraining": BertForPreTraining,
     "BertModel": BertModel,
+    "BertForMaskedLM": BertForMaskedLM,
+    "RobertaModel": BertModel,
+    "RobertaForMaskedLM": BertForMaskedLM,
+    "DistilBertModel": DistilBertModel,
+    "DistilBertForMaskedLM": BertForMaskedLM,
 }

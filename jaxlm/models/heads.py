@@ -15,13 +15,18 @@ def _dtypes(cfg: ModelConfig):
 
 
 class MLMHead(nnx.Module):
-  """BERT's prediction head: dense -> act -> LayerNorm -> (tied) vocab projection + bias."""
+  """Masked-LM head: dense -> act -> LayerNorm -> (tied) vocab projection + bias.
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  One module serves BERT (`cls.predictions`), RoBERTa (`lm_head`) and DistilBERT
+  (`vocab_transform`/`vocab_layer_norm`/`vocab_projector`): they differ only in names
+  and, for RoBERTa, in a head activation fixed to exact GELU (`activation`).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, activation: str | None = None, rngs: nnx.Rngs):
     D, V = cfg.hidden_size, cfg.vocab_size
     self.transform = Dense(D, D, init_std=cfg.initializer_range, rngs=rngs, **_dtypes(cfg))
     self.norm = LayerNorm(D, eps=cfg.layer_norm_eps)
-    self.act = get_activation(cfg.hidden_act)
+    self.act = get_activation(activation or cfg.hidden_act)
     self.decoder = None if cfg.tie_word_embeddings else Dense(
         D, V, use_bias=False, init_std=cfg.initializer_range, rngs=rngs, **_dtypes(cfg))
     self.bias = nnx.Param(jnp.zeros((V,), jnp.dtype(cfg.param_dtype)))

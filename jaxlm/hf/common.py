@@ -1,0 +1,299 @@
+"""Helpers shared by the Hugging Face family modules: tensor name/layout mapping both ways,
+RoPE config spellings, and the few config fields every family writes the same way.
+
+A family describes its checkpoint as a `TensorMap`: 1:1 renames (optionally transposing a
+torch Linear weight [out, in] into a jaxlm kernel [in, out]) and fused tensors that split
+into several jaxlm tensors (QKV layouts). The same description drives import and export,
+so names map exactly both ways, and every import error names the Hugging Face tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+
+from jaxlm.config import ModelConfig
+from jaxlm.errors import ConfigError, DataError
+from jaxlm.hf import Family, Tensors, register
+
+SOURCE = "Hugging Face checkpoint"
+
+
+# ---- tensor layouts --------------------------------------------------------------------
+def linear_to_kernel(w: np.ndarray) -> np.ndarray:
+  """torch Linear weight [out, in] -> jaxlm kernel [in, out] (a view; no copy yet)."""
+  return w.T
+
+
+def kernel_to_linear(k: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(k.T)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fused:
+  """One HF tensor holding several jaxlm tensors (e.g. a fused QKV projection)."""
+
+  hf: str
+  jax: tuple[str, ...]
+  split: Callable[[np.ndarray], Sequence[np.ndarray]]  # HF tensor -> jaxlm tensors
+  fuse: Callable[[Sequence[np.ndarray]], np.ndarray]  # inverse of split
+
+
+@dataclasses.dataclass(frozen=True)
+class Rename:
+  hf: str
+  jax: str
+  transpose: bool = False  # torch Linear weight <-> jaxlm kernel
+
+
+class TensorMap:
+  """The full name/layout correspondence of one model; built per config."""
+
+  def __init__(self, base_prefix: str = "", ignore: Sequence[str] = ()):
+    self.rules: list[Rename | Fused] = []
+    # HF checkpoints saved from the base model omit this prefix ("h.0..." vs
+    # "transformer.h.0..."); transformers accepts both, so do we.
+    self.base_prefix = base_prefix
+    self.ignore = [re.compile(p) for p in ignore]  # non-parameter buffers, tied duplicates
+    self.top_level: set[str] = set()  # names outside the base model (the LM head)
+
+  def rename(self, hf: str, jax: str, *, transpose: bool = False) -> TensorMap:
+    self.rules.append(Rename(hf, jax, transpose))
+    return self
+
+  def linear(self, hf_prefix: str, jax_prefix: str, *, bias: bool) -> TensorMap:
+    """A torch Linear (weight [out, in] + optional bias) <-> a jaxlm Dense."""
+    self.rename(f"{hf_prefix}.weight", f"{jax_prefix}.kernel", transpose=True)
+    if bias:
+      self.rename(f"{hf_prefix}.bias", f"{jax_prefix}.bias")
+    return self
+
+  def norm(self, hf_prefix: str, jax_prefix: str, *, bias: bool) -> TensorMap:
+    self.rename(f"{hf_prefix}.weight", f"{jax_prefix}.scale")
+    if bias:
+      self.rename(f"{hf_prefix}.bias", f"{jax_prefix}.bias")
+    return self
+
+  def lm_head(self, hf_prefix: str, *, tied: bool) -> TensorMap:
+    """Untied: a bias-free Linear. Tied: the head is the token embedding, and a duplicate
+    copy that some checkpoints still carry is ignored (transformers re-ties it too)."""
+    self.top_level.add(f"{hf_prefix}.weight")
+    if tied:
+      self.ignore.append(re.compile(rf"^{re.escape(hf_prefix)}\.weight$"))
+    else:
+      self.linear(hf_prefix, "lm_head", bias=False)
+    return self
+
+  def fused(self, hf: str, jax: Sequence[str], split, fuse) -> TensorMap:
+    self.rules.append(Fused(hf, tuple(jax), split, fuse))
+    return self
+
+  # ---- import ---------------------------------------------------------------------------
+  def _with_prefix(self, tensors: Tensors) -> Tensors:
+    p = self.base_prefix
+    if not p or any(k.startswith(p) for k in tensors):
+      return tensors
+    return {(k if k in self.top_level else p + k): v for k, v in tensors.items()}
+
+  def from_hf(self, tensors: Tensors, expected: dict[str, tuple], arch: str) -> Tensors:
+    """HF tensors -> jaxlm tensors. Missing, unexpected and misshapen tensors raise
+    DataError naming the HF tensor; `expected` holds the jaxlm shapes."""
+    tensors = self._with_prefix(tensors)
+    out: Tensors = {}
+    used = set()
+    for rule in self.rules:
+      if rule.hf not in tensors:
+        raise DataError(f"{SOURCE}: missing tensor {rule.hf!r} (needed by {arch})")
+      value = tensors[rule.hf]
+      used.add(rule.hf)
+      if isinstance(rule, Rename):
+        parts = {rule.jax: linear_to_kernel(value) if rule.transpose else value}
+      else:
+        try:
+          parts = dict(zip(rule.jax, rule.split(value), strict=True))
+        except ValueError:
+          parts = None
+      if parts is None or any(tuple(v.shape) != expected.get(k) for k, v in parts.items()):
+        raise DataError(f"{SOURCE}: tensor {rule.hf!r} has shape {tuple(value.shape)}, which "
+                        f"does not match the config ({arch}: "
+                        + ", ".join(f"{k} {expected.get(k)}" for k in _names(rule)) + ")")
+      out.update(parts)
+    extra = sorted(k for k in tensors
+                   if k not in used and not any(p.search(k) for p in self.ignore))
+    if extra:
+      raise DataError(f"{SOURCE}: unexpected tensor {extra[0]!r} for {arch} with this config"
+                      + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    return out
+
+  # ---- export ---------------------------------------------------------------------------
+  def to_hf(self, params: Tensors) -> Tensors:
+    out: Tensors = {}
+    for rule in self.rules:
+      if isinstance(rule, Rename):
+        v = params[rule.jax]
+        out[rule.hf] = kernel_to_linear(v) if rule.transpose else np.ascontiguousarray(v)
+      else:
+        out[rule.hf] = np.ascontiguousarray(rule.fuse([params[k] for k in rule.jax]))
+    missing = set(params) - {n for r in self.rules for n in _names(r)}
+    if missing:  # a jaxlm parameter the HF format has no place for: a mapping bug
+      raise DataError(f"save_pretrained: no Hugging Face name for {sorted(missing)[0]!r}")
+    return out
+
+
+def _names(rule: Rename | Fused) -> tuple[str, ...]:
+  return (rule.jax,) if isinstance(rule, Rename) else rule.jax
+
+
+@functools.lru_cache(maxsize=8)
+def _expected_shapes(cfg_json: str) -> dict[str, tuple]:
+  from flax import nnx
+  from jaxlm.models.auto import build_abstract_model  # auto imports jaxlm.hf lazily too
+  model = build_abstract_model(ModelConfig.from_dict(json.loads(cfg_json)))
+  state = nnx.state(model, nnx.Param)
+  return {".".join(str(k) for k in path): tuple(v.get_value().shape)
+          for path, v in nnx.to_flat_state(state)}
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+  """jaxlm parameter shapes for a config, from a shape-only model (nothing allocated)."""
+  return _expected_shapes(cfg.to_json_string())
+
+
+def register_family(name: str, architectures: Sequence[str],
+                    config_from_hf: Callable[[dict], ModelConfig],
+                    config_to_hf: Callable[[ModelConfig, str], dict],
+                    tensor_map: Callable[[ModelConfig], TensorMap]) -> Family:
+  """Registers a family whose tensors are fully described by `tensor_map(cfg)`."""
+
+  def params_from(tensors: Tensors, cfg: ModelConfig, arch: str) -> Tensors:
+    return tensor_map(cfg).from_hf(tensors, expected_shapes(cfg), arch)
+
+  def params_to(params: Tensors, cfg: ModelConfig, arch: str) -> Tensors:
+    return tensor_map(cfg).to_hf(params)
+
+  return register(Family(name, tuple(architectures), config_from_hf, config_to_hf,
+                         params_from, params_to))
+
+
+# ---- fused QKV layouts -----------------------------------------------------------------
+def qkv_split_blocks(w: np.ndarray, sizes: Sequence[int], *, transpose: bool):
+  """[q | k | v] stacked along the output axis (MPT Wqkv; GPT-2 Conv1D with transpose=False
+  since its weight is already [in, out])."""
+  axis = 0 if transpose else w.ndim - 1
+  if w.shape[axis] != sum(sizes):
+    raise ValueError("fused size mismatch")
+  parts = np.split(w, np.cumsum(sizes)[:-1], axis=axis)
+  return [p.T if transpose else p for p in parts]
+
+
+def qkv_fuse_blocks(parts: Sequence[np.ndarray], *, transpose: bool) -> np.ndarray:
+  if transpose:
+    return np.concatenate([p.T for p in parts], axis=0)
+  return np.concatenate(parts, axis=-1)
+
+
+def qkv_split_interleaved(w: np.ndarray, num_heads: int, head_dim: int):
+  """Per-head [q_h, k_h, v_h] rows (BLOOM, GPT-NeoX query_key_value): a Linear weight
+  [N*3*H, D] or its bias [N*3*H] -> q, k, v as jaxlm kernels [D, N*H] / biases [N*H]."""
+  if w.shape[0] != num_heads * 3 * head_dim:
+    raise ValueError("fused size mismatch")
+  w_N3H_ = w.reshape(num_heads, 3, head_dim, *w.shape[1:])
+  parts = [w_N3H_[:, i].reshape(num_heads * head_dim, *w.shape[1:]) for i in range(3)]
+  return [p.T if p.ndim == 2 else p for p in parts]
+
+
+def qkv_fuse_interleaved(parts: Sequence[np.ndarray], num_heads: int, head_dim: int):
+  rows = [p.T if p.ndim == 2 else p for p in parts]  # back to [N*H, (D)]
+  stacked = np.stack([r.reshape(num_heads, head_dim, *r.shape[1:]) for r in rows], axis=1)
+  return stacked.reshape(num_heads * 3 * head_dim, *rows[0].shape[1:])
+
+
+# ---- config helpers --------------------------------------------------------------------
+def require(hf: dict, key: str, ok: Callable[[object], bool], default, why: str) -> None:
+  """Rejects an HF option jaxlm does not implement, naming the config key."""
+  value = hf.get(key, default)
+  if not ok(value):
+    raise ConfigError(f"config.json: {key}={value!r} is not supported ({why})")
+
+
+def rope_from_hf(hf: dict, *, default_theta: float = 10000.0,
+                 default_partial: float = 1.0) -> dict:
+  """ModelConfig RoPE fields from either spelling: transformers 5 `rope_parameters`, or
+  the legacy `rope_theta` + `rope_scaling` (`rotary_emb_base` + `rotary_pct` for NeoX)."""
+  params = dict(hf.get("rope_parameters") or {})
+  theta = params.get("rope_theta",
+                     hf.get("rope_theta", hf.get("rotary_emb_base", default_theta)))
+  partial = params.get("partial_rotary_factor",
+                       hf.get("partial_rotary_factor", hf.get("rotary_pct", default_partial)))
+  source = params or dict(hf.get("rope_scaling") or {})  # the scaling spec, either spelling
+  kind = source.get("rope_type", source.get("type")) or "default"
+
+  def field(key, default=None):
+    if key in source:
+      return source[key]
+    if default is None:
+      raise ConfigError(f"config.json: rope scaling {kind!r} needs {key!r}")
+    return default
+
+  scaling = None
+  if kind == "linear":
+    scaling = {"rope_type": "linear", "factor": float(field("factor"))}
+  elif kind == "llama3":
+    scaling = {"rope_type": "llama3", "factor": float(field("factor")),
+               "low_freq_factor": float(field("low_freq_factor")),
+               "high_freq_factor": float(field("high_freq_factor")),
+               # transformers defaults it to max_position_embeddings
+               "original_max_position_embeddings": int(field(
+                   "original_max_position_embeddings", hf.get("max_position_embeddings")))}
+  elif kind != "default":
+    raise ConfigError(f"config.json: rope type {kind!r} is not supported "
+                      "(supported: default, linear, llama3)")
+  return dict(rope_theta=float(theta), partial_rotary_factor=float(partial), rope_scaling=scaling)
+
+
+def rope_to_hf(cfg: ModelConfig, *, with_partial: bool) -> dict:
+  """transformers-5 `rope_parameters`."""
+  params = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+  if cfg.rope_scaling:
+    params.update({k: v for k, v in cfg.rope_scaling.items() if k != "type"})
+    params["rope_type"] = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
+  if with_partial:
+    params["partial_rotary_factor"] = cfg.partial_rotary_factor
+  elif cfg.partial_rotary_factor != 1.0:
+    raise ConfigError(f"model.partial_rotary_factor={cfg.partial_rotary_factor} cannot be "
+                      f"expressed in a {cfg.model_type} Hugging Face config")
+  return params
+
+
+def special_tokens_from_hf(hf: dict) -> dict:
+  return dict(pad_token_id=hf.get("pad_token_id"), bos_token_id=hf.get("bos_token_id"),
+              eos_token_id=hf.get("eos_token_id"))
+
+
+def common_to_hf(cfg: ModelConfig, arch: str, model_type: str) -> dict:
+  """The keys every family's config.json carries."""
+  return {
+      "architectures": [arch],
+      "model_type": model_type,
+      "vocab_size": cfg.vocab_size,
+      "initializer_range": cfg.initializer_range,
+      "pad_token_id": cfg.pad_token_id,
+      "bos_token_id": cfg.bos_token_id,
+      "eos_token_id": cfg.eos_token_id,
+      "tie_word_embeddings": cfg.tie_word_embeddings,
+      "dtype": cfg.param_dtype,
+  }
+
+
+def expect(cfg: ModelConfig, family: str, **fields) -> None:
+  """On export: the config must use exactly what the HF family hard-codes."""
+  for name, want in fields.items():
+    got = getattr(cfg, name)
+    if got != want:
+      raise ConfigError(f"model.{name}={got!r} cannot be saved as {family} "
+                        f"(the Hugging Face class fixes it to {want!r})")

@@ -1,0 +1,92 @@
+"""Llama (LlamaForCausalLM) and Mistral (MistralForCausalLM): RMSNorm, SwiGLU MLP, RoPE
+(optionally linear / llama3 scaled), GQA; Mistral adds a sliding attention window. Separate
+q/k/v/o projections, so the tensor map is a plain rename with transposes."""
+
+from __future__ import annotations
+
+from jaxlm.config import ModelConfig
+from jaxlm.errors import ConfigError
+from jaxlm.hf.common import (TensorMap, common_to_hf, expect, register_family, rope_from_hf,
+                             rope_to_hf, special_tokens_from_hf)
+
+_MISTRAL = "MistralForCausalLM"
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+  mistral = hf.get("model_type") == "mistral" or _MISTRAL in (hf.get("architectures") or [])
+  heads = hf.get("num_attention_heads", 32)
+  d = hf.get("hidden_size", 4096)
+  bias = False if mistral else hf.get("attention_bias", False)
+  rope = rope_from_hf(hf)
+  if rope["partial_rotary_factor"] != 1.0:  # transformers' Llama/Mistral rotate every dim
+    raise ConfigError(f"config.json: partial_rotary_factor={rope['partial_rotary_factor']} "
+                      f"is not supported for {hf.get('model_type')}")
+  return ModelConfig(
+      model_type="mistral" if mistral else "llama", vocab_size=hf.get("vocab_size", 32000),
+      hidden_size=d, num_hidden_layers=hf.get("num_hidden_layers", 32),
+      num_attention_heads=heads,
+      num_key_value_heads=hf.get("num_key_value_heads", 8 if mistral else None) or heads,
+      head_dim=hf.get("head_dim") or d // heads,
+      intermediate_size=hf.get("intermediate_size", 14336 if mistral else 11008),
+      hidden_act=hf.get("hidden_act", "silu"), hidden_dropout_prob=0.0,
+      attention_probs_dropout_prob=hf.get("attention_dropout", 0.0),
+      max_position_embeddings=hf.get("max_position_embeddings", 4096 * 32 if mistral else 2048),
+      type_vocab_size=0, layer_norm_eps=hf.get("rms_norm_eps", 1e-6),
+      initializer_range=hf.get("initializer_range", 0.02),
+      tie_word_embeddings=hf.get("tie_word_embeddings", False),
+      causal=True, norm_type="rmsnorm", norm_position="pre", mlp_type="gated",
+      mlp_bias=False if mistral else hf.get("mlp_bias", False),
+      attention_bias=bias, attention_out_bias=bias,
+      sliding_window=hf.get("sliding_window", 4096) if mistral else None,
+      position_embedding_type="rope", **rope, **special_tokens_from_hf(hf))
+
+
+def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
+  mistral = arch == _MISTRAL
+  name = "Mistral" if mistral else "Llama"
+  expect(cfg, name, causal=True, norm_type="rmsnorm", norm_position="pre",
+         embedding_norm=False, mlp_type="gated", parallel_residual=False,
+         position_embedding_type="rope")
+  if mistral:
+    expect(cfg, name, attention_bias=False, mlp_bias=False)
+  else:
+    expect(cfg, name, sliding_window=None)
+  if cfg.attention_out_bias not in (None, cfg.attention_bias):
+    expect(cfg, name, attention_out_bias=cfg.attention_bias)
+  out = {
+      **common_to_hf(cfg, arch, "mistral" if mistral else "llama"),
+      "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+      "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.kv_heads,
+      "head_dim": cfg.head_size, "intermediate_size": cfg.intermediate_size,
+      "hidden_act": cfg.hidden_act, "max_position_embeddings": cfg.max_position_embeddings,
+      "rms_norm_eps": cfg.layer_norm_eps,
+      "attention_dropout": cfg.attention_probs_dropout_prob,
+      "rope_parameters": rope_to_hf(cfg, with_partial=False),
+  }
+  if mistral:
+    out["sliding_window"] = cfg.sliding_window
+  else:
+    out.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
+  return out
+
+
+def tensor_map(cfg: ModelConfig) -> TensorMap:
+  # rotary_emb.inv_freq: a buffer that older checkpoints saved; recomputed from the config.
+  tm = TensorMap("model.", ignore=[r"\.rotary_emb\.inv_freq$"])
+  tm.rename("model.embed_tokens.weight", "model.embed.embedding")
+  for i in range(cfg.num_hidden_layers):
+    h, j = f"model.layers.{i}", f"model.layers.{i}"
+    tm.norm(f"{h}.input_layernorm", f"{j}.attn_norm", bias=False)
+    for hf_name, jax_name in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
+      tm.linear(f"{h}.self_attn.{hf_name}", f"{j}.attn.{jax_name}", bias=cfg.attention_bias)
+    out_bias = cfg.attention_bias if cfg.attention_out_bias is None else cfg.attention_out_bias
+    tm.linear(f"{h}.self_attn.o_proj", f"{j}.attn.o", bias=out_bias)
+    tm.norm(f"{h}.post_attention_layernorm", f"{j}.mlp_norm", bias=False)
+    for hf_name, jax_name in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
+      tm.linear(f"{h}.mlp.{hf_name}", f"{j}.mlp.{jax_name}", bias=cfg.mlp_bias)
+  tm.norm("model.norm", "model.norm", bias=False)
+  return tm.lm_head("lm_head", tied=cfg.tie_word_embeddings)
+
+
+FAMILY = register_family("llama", ("LlamaForCausalLM", _MISTRAL), config_from_hf, config_to_hf,
+                         tensor_map)

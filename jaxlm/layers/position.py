@@ -1,0 +1,151 @@
+"""Position encodings: RoPE (with linear / llama3 scaling), ALiBi and sinusoidal tables.
+
+Learned absolute positions need nothing here: they are an `Embed` indexed by position id.
+Everything static (inverse frequencies, slopes) is computed in NumPy float32 once per
+config, mirroring the Hugging Face arithmetic so imported checkpoints match bit-closely;
+only the position-dependent part is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+
+# ---- RoPE ------------------------------------------------------------------------------
+def rotary_dim(head_dim: int, partial_rotary_factor: float = 1.0) -> int:
+  """How many leading dims of each head rotate (GPT-NeoX rotates only a fraction)."""
+  return int(head_dim * partial_rotary_factor)
+
+
+def _scaling_key(scaling: dict | None) -> tuple:
+  # lru_cache needs hashable arguments; the scaling dict is tiny.
+  return tuple(sorted((scaling or {}).items()))
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_freq(dim: int, theta: float, scaling_items: tuple) -> np.ndarray:
+  scaling = dict(scaling_items)
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  # Same float32 expression as HF: 1 / theta^(2i/dim).
+  exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponents)).astype(np.float32)
+  if kind == "linear":
+    # Scaling the frequencies == dividing the positions by `factor`.
+    return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+  if kind == "llama3":
+    return _llama3_inv_freq(inv_freq, scaling)
+  return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
+  """HF `_compute_llama3_parameters`: long wavelengths slow down by `factor`, short ones
+  stay, and the band in between interpolates smoothly."""
+  factor = scaling["factor"]
+  low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+  old_len = scaling["original_max_position_embeddings"]
+  low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+  wavelen = (np.float32(2 * math.pi) / inv_freq).astype(np.float32)
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq)
+  smooth = ((old_len / wavelen - low) / (high - low)).astype(np.float32)
+  smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+  is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+  return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_inv_freq(dim: int, theta: float = 10000.0, scaling: dict | None = None) -> np.ndarray:
+  """Inverse frequencies [dim // 2] for `dim` rotary dims (float32, HF-identical)."""
+  return _inv_freq(dim, float(theta), _scaling_key(scaling)).copy()
+
+
+def rope_cos_sin(position_ids_BT, dim: int, theta: float = 10000.0,
+                 scaling: dict | None = None):
+  """cos/sin tables [B, T, dim] for integer positions, in HF's duplicated-halves layout."""
+  inv_freq_F = jnp.asarray(_inv_freq(dim, float(theta), _scaling_key(scaling)))
+  freqs_BTF = position_ids_BT[..., None].astype(jnp.float32) * inv_freq_F
+  emb_BTR = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
+  return jnp.cos(emb_BTR), jnp.sin(emb_BTR)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoPE:
+  """A rotary embedding spec; hashable, so it can sit on an nnx Module as static data."""
+
+  dim: int  # rotary dims per head (even)
+  theta: float = 10000.0
+  scaling: tuple = ()  # sorted (key, value) items of the HF rope_scaling dict
+
+  @classmethod
+  def create(cls, head_dim: int, *, theta: float = 10000.0, partial_rotary_factor: float = 1.0,
+             scaling: dict | None = None) -> RoPE:
+    return cls(rotary_dim(head_dim, partial_rotary_factor), float(theta), _scaling_key(scaling))
+
+  def __call__(self, position_ids_BT):
+    return rope_cos_sin(position_ids_BT, self.dim, self.theta, dict(self.scaling))
+
+
+def rotate_half(x):
+  half = x.shape[-1] // 2
+  return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x_BTNH, cos_BTR, sin_BTR):
+  """Rotates the first R dims of every head (R = cos.shape[-1]); the rest pass through."""
+  R = cos_BTR.shape[-1]
+  x_rot, x_pass = x_BTNH[..., :R], x_BTNH[..., R:]
+  cos, sin = cos_BTR[:, :, None, :], sin_BTR[:, :, None, :]
+  x_rot = x_rot * cos + rotate_half(x_rot) * sin
+  if R == x_BTNH.shape[-1]:
+    return x_rot
+  return jnp.concatenate([x_rot, x_pass.astype(x_rot.dtype)], axis=-1)
+
+
+# ---- ALiBi -----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=32)
+def _alibi_slopes(num_heads: int) -> np.ndarray:
+  # BLOOM's `_get_alibi_slopes`: geometric slopes for the closest power of two, then the
+  # odd powers of the next finer sequence for the remaining heads.
+  closest = 2 ** math.floor(math.log2(num_heads))
+  base = np.float32(2 ** (-(2 ** -(math.log2(closest) - 3))))
+  slopes = np.power(base, np.arange(1, 1 + closest, dtype=np.float32))
+  if closest != num_heads:
+    extra_base = np.float32(2 ** (-(2 ** -(math.log2(2 * closest) - 3))))
+    remaining = min(closest, num_heads - closest)
+    extra = np.power(extra_base, np.arange(1, 1 + 2 * remaining, 2, dtype=np.float32))
+    slopes = np.concatenate([slopes, extra])
+  return slopes.astype(np.float32)
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """Per-head ALiBi slopes [N] for any head count (identical to BLOOM, and to MPT with
+  its default alibi_bias_max=8)."""
+  return _alibi_slopes(num_heads).copy()
+
+
+def alibi_bias(position_ids_BS, num_heads: int):
+  """Additive logits bias slope * key_position: [B, N, 1, S].
+
+  ALiBi proper is -slope * (i - j); the -slope * i part is constant along each query row,
+  so softmax ignores it. That makes this form equal to BLOOM's (positions from the mask
+  cumsum) and MPT's (positions offset by the sequence length) whenever masked keys are
+  excluded and positions are contiguous within what a query can see.
+  """
+  slopes_N = jnp.asarray(_alibi_slopes(num_heads))
+  pos_BS = position_ids_BS.astype(jnp.float32)
+  return slopes_N[None, :, None, None] * pos_BS[:, None, None, :]
+
+
+# ---- sinusoidal ------------------------------------------------------------------------
+def sinusoidal_table(num_positions: int, dim: int) -> np.ndarray:
+  """Fixed "Attention is all you need" table [P, D]: sin on even dims, cos on odd dims."""
+  pos = np.arange(num_positions, dtype=np.float64)[:, None]
+  inv = np.power(10000.0, -2.0 * (np.arange(dim) // 2) / dim)[None, :]
+  angles = pos * inv
+  table = np.zeros((num_positions, dim), np.float64)
+  table[:, 0::2] = np.sin(angles[:, 0::2])
+  table[:, 1::2] = np.cos(angles[:, 1::2])
+  return table.astype(np.float32)
