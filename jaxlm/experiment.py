@@ -8,10 +8,21 @@ cross-section constraints before anything is compiled or written.
 
 from __future__ import annotations
 
+import json
+import os
+
 import ml_collections
 
 from jaxlm.config import ModelConfig
+from jaxlm.data.objectives import BERT_OBJECTIVES, OBJECTIVES
 from jaxlm.errors import ConfigError
+
+# model.* keys that are training choices, not architecture: under model.init_from the
+# config file may set them; every other model key comes from the pretrained checkpoint.
+RUNTIME_MODEL_KEYS = ("dtype", "attention_backend", "hidden_dropout_prob",
+                      "attention_probs_dropout_prob")
+# The model classes each objective trains (their heads and call signatures differ).
+_BERT_PRETRAINING = ("BertForPreTraining",)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -19,6 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
   c.model.architectures = ["BertForPreTraining"]
+  # A pretrained checkpoint (HF or jaxlm export) to start from; it then decides the
+  # architecture and the tokenizer (not a ModelConfig field).
+  c.model.init_from = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "embedded"  # "embedded" | path or glob of .txt/.md/.jsonl | "tfds:NAME[/CONFIG]"
@@ -44,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.path = ""  # a ready-made tokenizer.json / vocab.txt / spm .model instead
 
   c.train = ml_collections.ConfigDict()
-  c.train.objective = "mlm+nsp"  # "mlm" | "nsp" | "mlm+nsp"
+  c.train.objective = "mlm+nsp"  # "mlm" | "nsp" | "mlm+nsp" (BERT) | "causal" (decoders)
   c.train.steps = 1000
   c.train.batch_size = 32
   c.train.optimizer = "adamw"  # "adamw" | "sgd" (with momentum)
@@ -65,7 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
   c.eval.max_batches = 0  # 0 = the whole split
-  c.eval.fill_mask_examples = 5
+  c.eval.fill_mask_examples = 5  # BERT report
+  c.eval.samples = 3  # causal report: greedy continuations of test-split prompts
+  c.eval.sample_prompt_tokens = 16
+  c.eval.sample_new_tokens = 32
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 200
@@ -85,18 +102,110 @@ def _check_keys(cfg, schema, prefix: str = "") -> None:
 
 
 def model_config(cfg) -> ModelConfig:
-  return ModelConfig.from_dict(cfg.model.to_dict())
+  d = cfg.model.to_dict()
+  d.pop("init_from", None)
+  return ModelConfig.from_dict(d)
+
+
+def _decoder_architectures() -> frozenset[str]:
+  from jaxlm.models import decoder  # models import flax: only when validating
+  return frozenset(decoder.ARCHITECTURES)
+
+
+def check_objective(objective: str, model: ModelConfig, source: str = "model.architectures"):
+  """The objective must fit the model class: its heads and call signature differ."""
+  if objective not in OBJECTIVES:
+    raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {objective!r}")
+  arch = (model.architectures or ["BertForPreTraining"])[0]
+  if objective == "causal":
+    if arch not in _decoder_architectures():
+      raise ConfigError(
+          f"train.objective='causal' needs a decoder-only model, but {source} names "
+          f"{arch!r}; use one of {sorted(_decoder_architectures())} (or a BERT objective "
+          f"{BERT_OBJECTIVES})")
+    if not model.causal:
+      raise ConfigError("train.objective='causal' needs model.causal=True (otherwise "
+                        "every token sees the one it must predict)")
+  elif arch not in _BERT_PRETRAINING:
+    raise ConfigError(
+        f"train.objective={objective!r} trains {_BERT_PRETRAINING[0]} (MLM and NSP heads), "
+        f"but {source} names {arch!r}; use train.objective='causal' for decoder models")
+
+
+def check_seq_len(cfg, model: ModelConfig, source: str = "model") -> None:
+  # ALiBi has no position table, but a longer row still leaves the trained range.
+  if cfg.data.max_seq_len > model.max_position_embeddings:
+    where = ("model.max_position_embeddings" if source == "model"
+             else f"max_position_embeddings of {source}")
+    raise ConfigError(f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds {where} "
+                      f"({model.max_position_embeddings})")
+
+
+def pretrained_architectures(directory: str) -> list[str]:
+  """`architectures` in the config.json of a model.init_from directory."""
+  path = os.path.join(directory, "config.json")
+  if not os.path.isdir(directory):
+    raise ConfigError(f"model.init_from: no such directory: {directory!r}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      archs = json.load(f).get("architectures") or []
+  except FileNotFoundError:
+    raise ConfigError(f"model.init_from: {directory} has no config.json") from None
+  except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+    raise ConfigError(f"model.init_from: {path} is not a JSON config ({e})") from None
+  if not archs:
+    raise ConfigError(f"model.init_from: {path} names no architectures")
+  return list(archs)
+
+
+def pretrained_model_config(cfg, pretrained: ModelConfig) -> ModelConfig:
+  """The ModelConfig to train under model.init_from: the checkpoint's, with only the
+  RUNTIME_MODEL_KEYS taken from the config file.
+
+  A model key that the config file sets (it differs from base_config's default) to a
+  value other than the checkpoint's is an error naming the key, rather than being
+  silently ignored.
+  """
+  def plain(d):  # tuples vs lists, ConfigDict vs dict: compare as JSON values
+    return json.loads(json.dumps(d))
+
+  default, mine = plain(base_config().model.to_dict()), plain(cfg.model.to_dict())
+  theirs = plain(pretrained.to_dict())
+  overrides = {}
+  for key, value in mine.items():
+    if key == "init_from" or value == default.get(key) or value == theirs.get(key):
+      continue
+    if key in RUNTIME_MODEL_KEYS:
+      overrides[key] = value
+    else:
+      raise ConfigError(
+          f"model.{key}: the config sets {value!r}, but model.init_from="
+          f"{cfg.model.init_from} has {theirs.get(key)!r}; the architecture comes from "
+          "the checkpoint, so drop the key (or match it)")
+  out = pretrained.replace(**overrides)
+  check_objective(cfg.train.objective, out, f"model.init_from={cfg.model.init_from}")
+  check_seq_len(cfg, out, f"model.init_from={cfg.model.init_from}")
+  return out
 
 
 def validate(cfg) -> ModelConfig:
-  """Checks the whole experiment config; returns its ModelConfig."""
+  """Checks the whole experiment config; returns its ModelConfig (under model.init_from,
+  the config file's; `pretrained_model_config` then checks it against the checkpoint)."""
   _check_keys(cfg, base_config())
   model = model_config(cfg)
   d, t = cfg.data, cfg.train
-  if d.max_seq_len > model.max_position_embeddings:
-    raise ConfigError(
-        f"data.max_seq_len ({d.max_seq_len}) exceeds model.max_position_embeddings "
-        f"({model.max_position_embeddings})")
+  if cfg.model.init_from:
+    if cfg.tokenizer.path and (os.path.abspath(cfg.tokenizer.path)
+                               != os.path.abspath(cfg.model.init_from)):
+      raise ConfigError("tokenizer.path: with model.init_from the tokenizer comes from "
+                        f"{cfg.model.init_from}; leave tokenizer.path empty")
+    archs = pretrained_architectures(cfg.model.init_from)
+    # The class check only; the loaded config gets the full one (model.causal, lengths).
+    check_objective(t.objective, ModelConfig(architectures=archs, causal=True),
+                    f"model.init_from={cfg.model.init_from}")
+  else:
+    check_objective(t.objective, model)
+    check_seq_len(cfg, model)
   if d.max_seq_len < 8:
     raise ConfigError(f"data.max_seq_len must be >= 8, got {d.max_seq_len}")
   if not 0.0 < d.mask_prob < 1.0:
@@ -117,6 +226,13 @@ def validate(cfg) -> ModelConfig:
                       f"got {cfg.tokenizer.kind!r}")
   if len(tuple(d.split)) != 3:
     raise ConfigError("data.split must be three fractions (train, validation, test)")
+  e = cfg.eval
+  if e.samples < 0 or e.sample_prompt_tokens < 1 or e.sample_new_tokens < 1:
+    raise ConfigError("eval.samples must be >= 0, eval.sample_prompt_tokens and "
+                      "eval.sample_new_tokens >= 1")
+  if t.objective == "causal" and e.samples and e.sample_prompt_tokens >= d.max_seq_len:
+    raise ConfigError(f"eval.sample_prompt_tokens ({e.sample_prompt_tokens}) must be below "
+                      f"data.max_seq_len ({d.max_seq_len})")
   return model
 
 
@@ -130,3 +246,16 @@ def with_overrides(cfg, **sections) -> ml_collections.ConfigDict:
       cfg[section][key] = value
   return cfg
 
+
+
+def tiny_causal_run(c) -> ml_collections.ConfigDict:
+  """The `:tiny` run shared by the decoder configs: seconds on a CPU, and one prepared
+  corpus (same data and tokenizer settings) serves all of them."""
+  c.tokenizer.vocab_size = 1024
+  c.data.max_seq_len = 64
+  c.train.update(steps=80, batch_size=16, learning_rate=5e-3, warmup_steps=5,
+                 decay="cosine", end_learning_rate_factor=0.1, eval_every=40, log_every=20)
+  c.eval.update(batch_size=32, max_batches=2, samples=2, sample_prompt_tokens=8,
+                sample_new_tokens=16)
+  c.checkpoint.every = 40
+  return c

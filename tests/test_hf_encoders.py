@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -209,11 +210,16 @@ def test_extra_layer_is_unexpected(tmp_path):
     jaxlm.from_pretrained(broken_copy(tmp_path, "distilbert", extra))
 
 
-def test_config_transformers_cannot_express_is_refused(tmp_path):
-  model = build_model(ModelConfig(architectures=["BertForPreTraining"], norm_position="pre",
-                                  **SMALL))
-  with pytest.raises(ConfigError, match="model.norm_position='pre'"):
-    model.save_pretrained(str(tmp_path))
+def test_config_transformers_cannot_express_falls_back_to_a_jaxlm_export(tmp_path):
+  from jaxlm.hf import convert
+  model = build_model(ModelConfig(architectures=["BertForPreTraining"],
+                                  position_embedding_type="rope", **SMALL))
+  with pytest.raises(ConfigError, match="position_embedding_type='rope'"):
+    convert.save(model, str(tmp_path / "hf"))
+  assert model.save_pretrained(str(tmp_path / "out")) == "jaxlm"
+  again = jaxlm.from_pretrained(str(tmp_path / "out"))
+  ids = jnp.asarray(np.arange(12).reshape(2, 6) + 5)
+  np.testing.assert_array_equal(model(ids).logits, again(ids).logits)
 
 
 def test_unsupported_hf_config_named(tmp_path):

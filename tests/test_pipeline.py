@@ -112,3 +112,16 @@ def test_eval_batches_pad_with_zero_weight(corpus):
   again = list(pipeline.eval_batches(c, "validation", cfg.data, objective="mlm+nsp",
                                      batch_size=7, seed=0))
   np.testing.assert_array_equal(batches[0]["input_ids"], again[0]["input_ids"])
+
+
+def test_nsp_label_cannot_be_read_off_the_length(corpus):
+  """True and random next segments have the same length distribution (an earlier
+  version padded only true pairs, and the model learned NSP from the padding)."""
+  c, cfg = corpus
+  it = pipeline.train_iterator(c, cfg.data, objective="nsp", batch_size=512, seed=0)
+  batch = next(it)
+  n_real = batch["attention_mask"].sum(1)
+  n_b = (batch["token_type_ids"] * batch["attention_mask"]).sum(1)
+  pos, neg = batch["nsp_label"] == 1, batch["nsp_label"] == 0
+  for stat in (n_real, n_b, n_real == cfg.data.max_seq_len):
+    assert abs(stat[pos].mean() - stat[neg].mean()) < 0.1 * max(stat[pos].mean(), 1e-3) + 0.05

@@ -1,7 +1,8 @@
 """Pretraining objectives as pure NumPy functions of (tokens, rng).
 
-Each example is a pure function of its index's rng, so the pipeline stays
-deterministic and resumable whatever the shuffling or prefetching.
+BERT masked LM and next-sentence prediction, and causal LM over packed documents.
+Each example is a pure function of its index (and its index's rng), so the pipeline
+stays deterministic and resumable whatever the shuffling or prefetching.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import math
 
 import numpy as np
 
-OBJECTIVES = ("mlm", "nsp", "mlm+nsp")
+BERT_OBJECTIVES = ("mlm", "nsp", "mlm+nsp")
+OBJECTIVES = (*BERT_OBJECTIVES, "causal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,4 +97,72 @@ def bert_example(a: list[int], b: list[int] | None, is_next: int, rng: np.random
       "masked_positions": pos, "masked_ids": labels, "masked_weights": weights,
       "nsp_label": np.int32(is_next),
       "nsp_weight": np.float32(1.0 if "nsp" in objective else 0.0),
+  }
+
+
+# ---- causal LM: documents packed into rows --------------------------------------------
+def pack_plan(doc_starts: np.ndarray, doc_ends: np.ndarray, max_seq_len: int,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """Greedy packing of documents, each followed by an end-of-document token, into rows.
+
+  Documents are taken in a random order; one longer than a row is cut into row-sized
+  pieces, each a row of its own, and shorter pieces fill the open row until the next
+  one does not fit. Returns (row_offsets_R1, pieces_P3): row r holds pieces
+  row_offsets[r]:row_offsets[r+1], a piece being (start, end, eod) over the split's flat
+  tokens, with eod = 1 when the end-of-document token follows tokens[start:end].
+  """
+  L = max_seq_len
+  pieces: list[tuple[int, int, int]] = []
+  full_rows: list[list[tuple[int, int, int]]] = []
+  row_offsets, used = [0], 0
+  # A long document's full pieces become rows at once; the open row keeps filling.
+  for d in rng.permutation(len(doc_starts)):
+    s, e = int(doc_starts[d]), int(doc_ends[d])
+    n = e - s + 1  # the document and its end-of-document token
+    for off in range(0, n, L):
+      k = min(L, n - off)
+      if k < 2:  # a lone end-of-document token has no target inside its segment
+        continue
+      last = off + k == n
+      piece = (s + off, s + off + k - last, int(last))
+      if k == L:
+        full_rows.append([piece])
+        continue
+      if used + k > L:
+        row_offsets.append(len(pieces))
+        used = 0
+      pieces.append(piece)
+      used += k
+  if used:
+    row_offsets.append(len(pieces))
+  for row in full_rows:
+    pieces.extend(row)
+    row_offsets.append(len(pieces))
+  return np.asarray(row_offsets, np.int64), np.asarray(pieces, np.int64).reshape(-1, 3)
+
+
+def causal_example(segments: list[np.ndarray], *, max_seq_len: int, pad: int):
+  """Packs token segments (each ending in its end-of-document token, if it has one)
+  into one row of fixed-shape arrays.
+
+  `segment_ids` count documents from 1 (0 is padding) and `position_ids` restart at 0
+  in each. `targets[t]` is the next token of the same segment; `loss_weights` is 1
+  exactly there, so no prediction crosses a document boundary or touches padding.
+  """
+  ids_T = np.full(max_seq_len, pad, np.int32)
+  seg_T = np.zeros(max_seq_len, np.int32)
+  pos_T = np.zeros(max_seq_len, np.int32)
+  t = 0
+  for i, s in enumerate(segments, start=1):
+    n = len(s)
+    assert t + n <= max_seq_len, (t + n, max_seq_len)
+    ids_T[t:t + n], seg_T[t:t + n], pos_T[t:t + n] = s, i, np.arange(n)
+    t += n
+  same_T = np.zeros(max_seq_len, bool)
+  same_T[:-1] = (seg_T[:-1] == seg_T[1:]) & (seg_T[:-1] > 0)
+  targets_T = np.where(same_T, np.roll(ids_T, -1), 0).astype(np.int32)
+  return {
+      "input_ids": ids_T, "attention_mask": (seg_T > 0).astype(np.int32),
+      "segment_ids": seg_T, "position_ids": pos_T, "targets": targets_T,
+      "loss_weights": same_T.astype(np.float32),
   }

@@ -51,14 +51,30 @@ def _hf_family(arch: str | None):
   return FAMILIES.get(arch)
 
 
-def save_pretrained(model: nnx.Module, directory: str) -> None:
-  arch = (model.config.architectures or [None])[0]
-  if _hf_family(arch) is not None:
+def _hf_expressible(cfg: ModelConfig):
+  """The HF family that can write this config, or None (then we write a jaxlm export)."""
+  arch = (cfg.architectures or [None])[0]
+  fam = _hf_family(arch)
+  if fam is None:
+    return None
+  try:
+    fam.config_to_hf(cfg, arch)
+  except ConfigError:  # e.g. a BERT with rotary positions: transformers' BertModel has none
+    return None
+  return fam
+
+
+def save_pretrained(model: nnx.Module, directory: str) -> str:
+  """Writes HF format where transformers can express the model, else a jaxlm export;
+  returns which ("hf" or "jaxlm")."""
+  if _hf_expressible(model.config) is not None:
     from jaxlm.hf import convert
-    return convert.save(model, directory)
+    convert.save(model, directory)
+    return "hf"
   os.makedirs(directory, exist_ok=True)
   model.config.save_pretrained(directory)
   save_file(flat_params(model), os.path.join(directory, WEIGHTS_NAME))
+  return "jaxlm"
 
 
 def load_params(model: nnx.Module, tensors: dict[str, np.ndarray], source: str) -> nnx.Module:
@@ -89,8 +105,10 @@ def from_pretrained(directory: str) -> nnx.Module:
   if not os.path.isdir(directory):
     raise DataError(f"{directory}: no such model directory")
   check_weights(directory)
-  arch = (read_hf_config(directory).get("architectures") or [None])[0]
-  if _hf_family(arch) is not None:
+  raw = read_hf_config(directory)
+  arch = (raw.get("architectures") or [None])[0]
+  native = "attention_backend" in raw  # only ModelConfig.to_dict writes this key
+  if not native and _hf_family(arch) is not None:
     from jaxlm.hf import convert
     return convert.load(directory)
   if arch is not None and arch not in ARCHITECTURES:

@@ -1,11 +1,23 @@
-"""Base class for top-level models: a `config` and `save_pretrained`."""
+"""What every model shares: the PreTrainedModel base class and config-derived specs."""
 
 from flax import nnx
+
+from jaxlm.config import ModelConfig
+from jaxlm.layers.position import RoPE
+
+
+def rope_spec(cfg: ModelConfig) -> RoPE | None:
+  """The rotary embedding a config asks for, or None for other position types."""
+  if cfg.position_embedding_type != "rope":
+    return None
+  return RoPE.create(cfg.head_size, theta=cfg.rope_theta,
+                     partial_rotary_factor=cfg.partial_rotary_factor, scaling=cfg.rope_scaling)
 
 
 class PreTrainedModel(nnx.Module):
   """Top-level models subclass this and set `self.config` (a ModelConfig)."""
 
-  def save_pretrained(self, directory: str) -> None:
+  def save_pretrained(self, directory: str) -> str:
+    """Hugging Face format where transformers can express the model, else a jaxlm export."""
     from jaxlm.models.auto import save_pretrained  # auto imports the model modules
-    save_pretrained(self, directory)
+    return save_pretrained(self, directory)

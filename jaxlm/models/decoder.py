@@ -26,8 +26,8 @@ from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
 from jaxlm.layers.mlp import MLP
 from jaxlm.layers.norm import LayerNorm, RMSNorm
-from jaxlm.layers.position import RoPE, alibi_bias, sinusoidal_table
-from jaxlm.models.base import PreTrainedModel
+from jaxlm.layers.position import alibi_bias, sinusoidal_table
+from jaxlm.models.base import PreTrainedModel, rope_spec
 from jaxlm.models.heads import _dtypes
 from jaxlm.models.outputs import ModelOutput
 
@@ -38,12 +38,6 @@ def make_norm(cfg: ModelConfig) -> nnx.Module:
   return LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, use_bias=cfg.norm_bias,
                    param_dtype=jnp.dtype(cfg.param_dtype))
 
-
-def rope_spec(cfg: ModelConfig) -> RoPE | None:
-  if cfg.position_embedding_type != "rope":
-    return None
-  return RoPE.create(cfg.head_size, theta=cfg.rope_theta,
-                     partial_rotary_factor=cfg.partial_rotary_factor, scaling=cfg.rope_scaling)
 
 
 def segment_positions(segment_ids_BT):

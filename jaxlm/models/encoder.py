@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
+from jaxlm.errors import ConfigError
 from jaxlm.layers.attention import Attention, padding_mask
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.embed import Embed
@@ -16,7 +17,7 @@ from jaxlm.layers.linear import Dense
 from jaxlm.layers.mlp import MLP
 from jaxlm.layers.norm import LayerNorm
 from jaxlm.layers.position import sinusoidal_table
-from jaxlm.models.base import PreTrainedModel
+from jaxlm.models.base import PreTrainedModel, rope_spec
 from jaxlm.models.heads import MLMHead, NSPHead, _dtypes
 from jaxlm.models.outputs import ModelOutput
 
@@ -33,8 +34,9 @@ class Embeddings(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     kw = dict(init_std=cfg.initializer_range, rngs=rngs, **_dtypes(cfg))
     self.word = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
-    self.position = Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
-    if cfg.position_embedding_init == "sinusoidal":
+    self.position = (Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
+                     if cfg.position_embedding_type == "absolute" else None)
+    if self.position is not None and cfg.position_embedding_init == "sinusoidal":
       # Still learned, but started from sinusoids scaled to the word embeddings' std:
       # offsets between positions are then linear maps, so attention to neighbours is
       # learnable at once instead of per absolute position pair (BERT's slow start).
@@ -53,13 +55,33 @@ class Embeddings(nnx.Module):
         position_ids_BT = position_ids_from_mask(input_ids_BT, self.pad_id)
       else:
         position_ids_BT = jnp.arange(input_ids_BT.shape[1])[None, :]
-    x_BTD = self.word(input_ids_BT) + self.position(position_ids_BT)
+    x_BTD = self.word(input_ids_BT)
+    if self.position is not None:
+      x_BTD = x_BTD + self.position(position_ids_BT)
     # Without a token-type table (DistilBERT) token_type_ids are ignored.
     if self.token_type is not None:
       if token_type_ids_BT is None:
         token_type_ids_BT = jnp.zeros_like(input_ids_BT)
       x_BTD = x_BTD + self.token_type(token_type_ids_BT)
     return dropout(self.norm(x_BTD), self.dropout_rate, rngs)
+
+
+
+# Block-layout fields this encoder implements only at their BERT values; anything else
+# would be silently ignored, so it is refused.
+_ENCODER_FIXED = dict(causal=False, norm_type="layernorm", norm_position="post", norm_bias=True,
+                      embedding_norm=False, mlp_type="plain", mlp_bias=True,
+                      attention_bias=True, parallel_residual=False, sliding_window=None)
+
+
+def _check_encoder_config(cfg: ModelConfig) -> None:
+  for key, value in _ENCODER_FIXED.items():
+    if getattr(cfg, key) != value:
+      raise ConfigError(f"model.{key}={getattr(cfg, key)!r} is not supported by the encoder "
+                        f"models (only {value!r})")
+  if cfg.position_embedding_type not in ("absolute", "rope"):
+    raise ConfigError(f"model.position_embedding_type={cfg.position_embedding_type!r} is not "
+                      "supported by the encoder models (absolute or rope)")
 
 
 class EncoderBlock(nnx.Module):
@@ -78,8 +100,8 @@ class EncoderBlock(nnx.Module):
     self.mlp_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
     self.dropout_rate = cfg.hidden_dropout_prob
 
-  def __call__(self, x_BTD, mask, rngs=None):
-    h = dropout(self.attn(x_BTD, mask=mask, rngs=rngs), self.dropout_rate, rngs)
+  def __call__(self, x_BTD, mask, rope=None, rngs=None):
+    h = dropout(self.attn(x_BTD, mask=mask, rope=rope, rngs=rngs), self.dropout_rate, rngs)
     x_BTD = self.attn_norm(x_BTD + h)
     h = dropout(self.mlp(x_BTD), self.dropout_rate, rngs)
     return self.mlp_norm(x_BTD + h)
@@ -89,8 +111,10 @@ class BertModel(PreTrainedModel):
   """Embeddings, a stack of encoder blocks and the [CLS] pooler (BertModel, RobertaModel)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, add_pooler: bool = True):
+    _check_encoder_config(cfg)
     self.config = cfg
     self.embeddings = Embeddings(cfg, rngs=rngs)
+    self.rope = rope_spec(cfg)
     self.layers = nnx.List([EncoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
     self.pooler = (Dense(cfg.hidden_size, cfg.hidden_size, init_std=cfg.initializer_range,
                          rngs=rngs, **_dtypes(cfg)) if add_pooler else None)
@@ -101,8 +125,13 @@ class BertModel(PreTrainedModel):
       attention_mask = jnp.ones_like(input_ids_BT)
     mask = padding_mask(attention_mask)
     x_BTD = self.embeddings(input_ids_BT, token_type_ids, position_ids, rngs=rngs)
+    rope = None
+    if self.rope is not None:  # RoFormer-style encoders: positions rotate q and k
+      if position_ids is None:
+        position_ids = jnp.broadcast_to(jnp.arange(input_ids_BT.shape[1]), input_ids_BT.shape)
+      rope = self.rope(position_ids)
     for layer in self.layers:
-      x_BTD = layer(x_BTD, mask, rngs=rngs)
+      x_BTD = layer(x_BTD, mask, rope=rope, rngs=rngs)
     pooled_BD = jnp.tanh(self.pooler(x_BTD[:, 0])) if self.pooler is not None else None
     return ModelOutput(last_hidden_state=x_BTD, pooler_output=pooled_BD)
 

@@ -1,5 +1,6 @@
-"""The pretraining job: prepare data, build the model, train with periodic evaluation
-and checkpoints, resume automatically, and finish with a test evaluation and a report."""
+"""The pretraining job: prepare data, build the model (or load `model.init_from`), train
+with periodic evaluation and checkpoints, resume automatically, and finish with a test
+evaluation and a report. BERT objectives (mlm, nsp, mlm+nsp) and causal LM share it."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 from flax import nnx
 from tqdm import tqdm
 
 from jaxlm import experiment
 from jaxlm.data import pipeline
 from jaxlm.data.corpus import Corpus, prepare_corpus
+from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.models import auto
 from jaxlm.train import report as report_lib
@@ -35,12 +38,18 @@ def log(msg: str) -> None:
 
 
 class Evaluator:
-  """Fixed eval batches per split (built once) and the metrics we report on them."""
+  """Fixed eval batches per split (built once) and the metrics we report on them.
+
+  Each objective is compared with a unigram model of the same tokenizer on the same
+  targets (masked tokens for MLM, next tokens for causal LM).
+  """
 
   def __init__(self, corpus: Corpus, cfg, graphdef):
     self.corpus, self.cfg = corpus, cfg
-    self.eval_step = make_eval_step(graphdef)
-    self.unigram_logp = corpus.unigram_log_probs()
+    self.causal = cfg.train.objective == "causal"
+    self.eval_step = make_eval_step(graphdef, cfg.train.objective)
+    self.unigram_logp = (pipeline.causal_unigram_log_probs(corpus) if self.causal
+                         else corpus.unigram_log_probs())
     self._batches: dict[str, list] = {}
 
   def batches(self, split: str) -> list:
@@ -57,8 +66,15 @@ class Evaluator:
     for batch in self.batches(split):
       for k, v in jax.device_get(self.eval_step(params, batch)).items():
         sums[k] = sums.get(k, 0.0) + float(v)
-      w = batch["masked_weights"] * batch["example_weight"][:, None]
-      uni_sum -= float((self.unigram_logp[batch["masked_ids"]] * w).sum())
+      labels, w = ((batch["targets"], batch["loss_weights"]) if self.causal
+                   else (batch["masked_ids"], batch["masked_weights"]))
+      w = w * batch["example_weight"][:, None]
+      uni_sum -= float((self.unigram_logp[labels] * w).sum())
+    if self.causal:
+      n = max(sums["lm_count"], 1.0)
+      loss = sums["lm_loss_sum"] / n
+      return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+              "accuracy": sums["lm_correct"] / n, "unigram_perplexity": math.exp(uni_sum / n)}
     mlm_n, nsp_n = max(sums["mlm_count"], 1.0), max(sums["nsp_count"], 1.0)
     mlm_loss, nsp_loss = sums["mlm_loss_sum"] / mlm_n, sums["nsp_loss_sum"] / nsp_n
     out = {"loss": mlm_loss + nsp_loss, "nsp_loss": nsp_loss,
@@ -76,13 +92,43 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
   return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
 
+def load_pretrained(cfg) -> tuple[nnx.Module, Tokenizer]:
+  """model.init_from: the checkpoint's model (architecture and weights) and tokenizer.
+  Only experiment.RUNTIME_MODEL_KEYS (dropout, compute dtype) may differ from it."""
+  directory = cfg.model.init_from
+  loaded = auto.from_pretrained(directory)
+  model_cfg = experiment.pretrained_model_config(cfg, loaded.config)
+  tok = Tokenizer.load(directory)
+  if tok.vocab_size > model_cfg.vocab_size:
+    raise ConfigError(f"model.init_from: the tokenizer in {directory} has {tok.vocab_size} "
+                      f"tokens, more than the model's vocab_size {model_cfg.vocab_size}")
+  if model_cfg == loaded.config:
+    return loaded, tok
+  # Same parameters in a module rebuilt with the runtime overrides.
+  model = auto.build_abstract_model(model_cfg)
+  nnx.update(model, nnx.state(loaded, nnx.Param))
+  return model, tok
+
+
 def setup(cfg, workdir: str):
-  """Validates, prepares (or reuses) the corpus and builds the model."""
+  """Validates, prepares (or reuses) the corpus and builds (or loads) the model.
+
+  Everything that can fail on user input runs before the corpus is written.
+  """
   model_cfg = experiment.validate(cfg)
-  corpus = prepare_corpus(cfg.data, cfg.tokenizer, os.path.join(workdir, "data"), log=log)
+  tok_cfg, model = cfg.tokenizer, None
+  if cfg.model.init_from:
+    model, _ = load_pretrained(cfg)
+    tok_cfg = ml_collections.ConfigDict(cfg.tokenizer.to_dict())
+    tok_cfg.path = os.path.abspath(cfg.model.init_from)
+  corpus = prepare_corpus(cfg.data, tok_cfg, os.path.join(workdir, "data"), log=log)
   tok = corpus.tokenizer
-  model_cfg = model_cfg.replace(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id)
-  model = auto.build_model(model_cfg, seed=cfg.seed)
+  if model is None:
+    ids = {"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id}
+    if cfg.train.objective == "causal":
+      eod = pipeline.end_of_document_id(tok)
+      ids.update(eos_token_id=eod, pad_token_id=eod if tok.pad_id is None else tok.pad_id)
+    model = auto.build_model(model_cfg.replace(**ids), seed=cfg.seed)
   return corpus, model
 
 
@@ -107,9 +153,10 @@ def train(cfg, workdir: str) -> dict[str, Any]:
     data_iter.set_state(run.pop("data_iter"))
     log(f"resuming from checkpoint at step {run['step']} in {workdir}")
   writer = MetricsWriter(workdir, resume_step=run["step"])
+  mc = model.config
   train_step = make_train_step(
-      graphdef, tx, seed=cfg.seed,
-      dropout=cfg.model.hidden_dropout_prob > 0 or cfg.model.attention_probs_dropout_prob > 0)
+      graphdef, tx, seed=cfg.seed, objective=t.objective,
+      dropout=mc.hidden_dropout_prob > 0 or mc.attention_probs_dropout_prob > 0)
   evaluator = Evaluator(corpus, cfg, graphdef)
 
   def save(step):
@@ -133,9 +180,12 @@ def train(cfg, workdir: str) -> dict[str, Any]:
       dt = time.time() - interval_t0
       run["train_seconds"] += dt
       row = {"loss": m["loss"], "learning_rate": schedule(step - 1),
-             "tokens_per_s": interval_tokens / max(dt, 1e-9), "grad_norm": m["grad_norm"],
-             "mlm_accuracy": m["mlm_correct"] / max(m["mlm_count"], 1),
-             "nsp_accuracy": m["nsp_correct"] / max(m["nsp_count"], 1)}
+             "tokens_per_s": interval_tokens / max(dt, 1e-9), "grad_norm": m["grad_norm"]}
+      if t.objective == "causal":
+        row["accuracy"] = m["lm_correct"] / max(m["lm_count"], 1)
+      else:
+        row.update(mlm_accuracy=m["mlm_correct"] / max(m["mlm_count"], 1),
+                   nsp_accuracy=m["nsp_correct"] / max(m["nsp_count"], 1))
       writer.write(step, row)
       bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
       if bar.disable:  # no terminal: a plain progress line instead of the bar
@@ -173,7 +223,8 @@ def train(cfg, workdir: str) -> dict[str, Any]:
 
 
 def finish(cfg, workdir, corpus, model, evaluator, params, run, wall) -> dict[str, Any]:
-  """Final validation and test evaluation, fill-mask examples, report.json."""
+  """Final validation and test evaluation, fill-mask examples (BERT) or greedy
+  continuations (causal LM), report.json."""
   val, test = evaluator(params, "validation"), evaluator(params, "test")
   rep = {
       "params": int(sum(x.size for x in jax.tree.leaves(params))),
@@ -185,9 +236,16 @@ def finish(cfg, workdir, corpus, model, evaluator, params, run, wall) -> dict[st
       **_prefixed("val", val), **_prefixed("test", test),
       "unigram_perplexity": val.get("unigram_perplexity"),
       "corpus": {k: v for k, v in corpus.manifest.items() if k != "settings"},
-      "fill_mask": report_lib.fill_mask_examples(model, corpus, cfg.eval.fill_mask_examples,
-                                                 max_seq_len=cfg.data.max_seq_len),
   }
+  e = cfg.eval
+  if cfg.train.objective == "causal":
+    rep["samples"] = report_lib.continuation_samples(
+        model, corpus, e.samples, eod=pipeline.end_of_document_id(corpus.tokenizer),
+        prompt_tokens=e.sample_prompt_tokens,
+        new_tokens=min(e.sample_new_tokens, cfg.data.max_seq_len - e.sample_prompt_tokens))
+  else:
+    rep["fill_mask"] = report_lib.fill_mask_examples(model, corpus, e.fill_mask_examples,
+                                                     max_seq_len=cfg.data.max_seq_len)
   with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
     json.dump(rep, f, indent=2)
   print(report_lib.format_report(rep))

@@ -1,7 +1,8 @@
 """Jitted train and eval steps for the pretraining objectives.
 
 Parameters travel as an nnx.State pytree; the model is rebuilt inside the jitted
-function with nnx.merge, which costs nothing at run time.
+function with nnx.merge, which costs nothing at run time. Every objective returns
+sums (not means) of its losses and hits, so eval batches aggregate exactly.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ import optax
 from flax import nnx
 
 
+def _example_weights(batch):
+  return batch.get("example_weight", jnp.ones(batch["input_ids"].shape[0], jnp.float32))
+
+
 def pretraining_stats(model, batch, rngs=None):
-  """Sums (not means) of MLM/NSP loss and hits, so eval batches aggregate exactly."""
+  """BERT: MLM loss at the masked positions plus the NSP loss."""
   out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
               masked_positions=batch["masked_positions"], rngs=rngs)
-  ex_w_B = batch.get("example_weight", jnp.ones(batch["input_ids"].shape[0], jnp.float32))
+  ex_w_B = _example_weights(batch)
   logp_BPV = jax.nn.log_softmax(out.logits.astype(jnp.float32))
   labels_BP = batch["masked_ids"]
   nll_BP = -jnp.take_along_axis(logp_BPV, labels_BP[..., None], axis=-1)[..., 0]
@@ -36,35 +41,63 @@ def pretraining_stats(model, batch, rngs=None):
   }
 
 
+def causal_lm_stats(model, batch, rngs=None):
+  """Causal LM over packed rows: next-token NLL where `loss_weights` is 1 (never across
+  a document boundary, never on padding)."""
+  out = model(batch["input_ids"], batch["attention_mask"], segment_ids=batch["segment_ids"],
+              position_ids=batch["position_ids"], rngs=rngs)
+  logits_BTV = out.logits.astype(jnp.float32)
+  targets_BT = batch["targets"]
+  # logsumexp minus the target logit: no [B, T, V] log-softmax kept for the backward pass.
+  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - target_logit_BT
+  w_BT = batch["loss_weights"] * _example_weights(batch)[:, None]
+  return {
+      "lm_loss_sum": (nll_BT * w_BT).sum(),
+      "lm_correct": ((logits_BTV.argmax(-1) == targets_BT) * w_BT).sum(),
+      "lm_count": w_BT.sum(),
+  }
+
+
+def stats_fn(objective: str):
+  return causal_lm_stats if objective == "causal" else pretraining_stats
+
+
 def loss_from_stats(s):
+  if "lm_loss_sum" in s:
+    return s["lm_loss_sum"] / jnp.maximum(s["lm_count"], 1.0)
   mlm = s["mlm_loss_sum"] / jnp.maximum(s["mlm_count"], 1.0)
   nsp = s["nsp_loss_sum"] / jnp.maximum(s["nsp_count"], 1.0)
   return mlm + nsp
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, seed: int, dropout: bool):
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, seed: int, dropout: bool,
+                    objective: str = "mlm+nsp"):
   """(params, opt_state, batch, step) -> (params, opt_state, metrics); the dropout key
   is fold_in(seed, step), so a resumed run draws the same masks."""
+  stats_of = stats_fn(objective)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_step(params, opt_state, batch, step):
     def loss_fn(p):
       model = nnx.merge(graphdef, p)
       rngs = nnx.Rngs(dropout=jax.random.fold_in(jax.random.key(seed), step)) if dropout else None
-      stats = pretraining_stats(model, batch, rngs)
+      stats = stats_of(model, batch, rngs)
       return loss_from_stats(stats), stats
 
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **stats}
+    return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **stats}
 
   return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, objective: str = "mlm+nsp"):
+  stats_of = stats_fn(objective)
+
   @jax.jit
   def eval_step(params, batch):
-    return pretraining_stats(nnx.merge(graphdef, params), batch)
+    return stats_of(nnx.merge(graphdef, params), batch)
 
   return eval_step
