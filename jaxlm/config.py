@@ -34,7 +34,6 @@ _CHOICES = {
     "mlp_type": ("plain", "gated"),
     "position_embedding_type": ("absolute", "rope", "alibi", "none"),
     "attention_backend": ("xla",),
-    "position_embedding_init": ("normal", "sinusoidal"),
 }
 
 
@@ -78,7 +77,6 @@ class ModelConfig:
 
   # ---- positions ------------------------------------------------------------------
   position_embedding_type: str = "absolute"  # "absolute" | "rope" | "alibi" | "none"
-  position_embedding_init: str = "normal"  # learned absolute table: "normal" | "sinusoidal"
   position_ids_from_mask: bool = False  # RoBERTa: positions count real tokens from pad+1
   rope_theta: float = 10000.0
   partial_rotary_factor: float = 1.0  # fraction of each head's dims that rotate (NeoX)

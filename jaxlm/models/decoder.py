@@ -26,7 +26,7 @@ from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
 from jaxlm.layers.mlp import MLP
 from jaxlm.layers.norm import LayerNorm, RMSNorm
-from jaxlm.layers.position import alibi_bias, sinusoidal_table
+from jaxlm.layers.position import alibi_bias
 from jaxlm.models.base import PreTrainedModel, rope_spec
 from jaxlm.models.heads import _dtypes
 from jaxlm.models.outputs import ModelOutput
@@ -110,11 +110,6 @@ class Decoder(nnx.Module):
     self.embed = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
     self.position = (Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
                      if cfg.position_embedding_type == "absolute" else None)
-    if self.position is not None and cfg.position_embedding_init == "sinusoidal":
-      # Learned, but started from sinusoids at the embeddings' scale (as in the encoder).
-      table = sinusoidal_table(cfg.max_position_embeddings, cfg.hidden_size)
-      table = table / table.std() * cfg.initializer_range
-      self.position.embedding.set_value(jnp.asarray(table, self.position.embedding[...].dtype))
     self.embed_norm = make_norm(cfg) if cfg.embedding_norm else None
     self.layers = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
     self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None

@@ -16,7 +16,6 @@ from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
 from jaxlm.layers.mlp import MLP
 from jaxlm.layers.norm import LayerNorm
-from jaxlm.layers.position import sinusoidal_table
 from jaxlm.models.base import PreTrainedModel, rope_spec
 from jaxlm.models.heads import MLMHead, NSPHead, _dtypes
 from jaxlm.models.outputs import ModelOutput
@@ -29,20 +28,13 @@ def position_ids_from_mask(input_ids_BT, pad_id: int):
 
 
 class Embeddings(nnx.Module):
-  """word + learned position (+ token type), then LayerNorm and dropout."""
+  """word + learned position (unless rotary) + token type, then LayerNorm and dropout."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     kw = dict(init_std=cfg.initializer_range, rngs=rngs, **_dtypes(cfg))
     self.word = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
     self.position = (Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
                      if cfg.position_embedding_type == "absolute" else None)
-    if self.position is not None and cfg.position_embedding_init == "sinusoidal":
-      # Still learned, but started from sinusoids scaled to the word embeddings' std:
-      # offsets between positions are then linear maps, so attention to neighbours is
-      # learnable at once instead of per absolute position pair (BERT's slow start).
-      table = sinusoidal_table(cfg.max_position_embeddings, cfg.hidden_size)
-      table = table / table.std() * cfg.initializer_range
-      self.position.embedding.set_value(jnp.asarray(table, self.position.embedding[...].dtype))
     self.token_type = (Embed(cfg.type_vocab_size, cfg.hidden_size, **kw)
                        if cfg.type_vocab_size else None)
     self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
