@@ -1,9 +1,15 @@
 """What every model shares: the PreTrainedModel base class and config-derived specs."""
 
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
 from jaxlm.layers.position import RoPE
+
+
+def dtypes(cfg: ModelConfig) -> dict:
+  """Compute and parameter dtypes, as keyword arguments for the layers."""
+  return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
 def rope_spec(cfg: ModelConfig) -> RoPE | None:

@@ -27,8 +27,7 @@ from jaxlm.layers.linear import Dense
 from jaxlm.layers.mlp import MLP
 from jaxlm.layers.norm import LayerNorm, RMSNorm
 from jaxlm.layers.position import alibi_bias
-from jaxlm.models.base import PreTrainedModel, rope_spec
-from jaxlm.models.heads import _dtypes
+from jaxlm.models.base import PreTrainedModel, dtypes, rope_spec
 from jaxlm.models.outputs import ModelOutput
 
 
@@ -66,7 +65,7 @@ class DecoderBlock(nnx.Module):
   """Self-attention + MLP with pre-LN (sequential or parallel residual) or post-LN."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    dt = _dtypes(cfg)
+    dt = dtypes(cfg)
     self.attn_norm = make_norm(cfg)
     self.attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
                           num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
@@ -105,7 +104,7 @@ class Decoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     if cfg.parallel_residual and cfg.norm_position != "pre":
       raise ConfigError("model.parallel_residual requires model.norm_position='pre'")
-    kw = dict(init_std=cfg.initializer_range, rngs=rngs, **_dtypes(cfg))
+    kw = dict(init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg))
     self.config = cfg
     self.embed = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
     self.position = (Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
@@ -148,7 +147,7 @@ class DecoderForCausalLM(PreTrainedModel):
     self.model = Decoder(cfg, rngs=rngs)
     self.lm_head = None if cfg.tie_word_embeddings else Dense(
         cfg.hidden_size, cfg.vocab_size, use_bias=False, init_std=cfg.initializer_range,
-        rngs=rngs, **_dtypes(cfg))
+        rngs=rngs, **dtypes(cfg))
 
   def __call__(self, input_ids_BT, attention_mask=None, *, segment_ids=None, position_ids=None,
                rngs: nnx.Rngs | None = None) -> ModelOutput:

@@ -16,8 +16,8 @@ from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
 from jaxlm.layers.mlp import MLP
 from jaxlm.layers.norm import LayerNorm
-from jaxlm.models.base import PreTrainedModel, rope_spec
-from jaxlm.models.heads import MLMHead, NSPHead, _dtypes
+from jaxlm.models.base import PreTrainedModel, dtypes, rope_spec
+from jaxlm.models.heads import MLMHead, NSPHead
 from jaxlm.models.outputs import ModelOutput
 
 
@@ -31,7 +31,7 @@ class Embeddings(nnx.Module):
   """word + learned position (unless rotary) + token type, then LayerNorm and dropout."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    kw = dict(init_std=cfg.initializer_range, rngs=rngs, **_dtypes(cfg))
+    kw = dict(init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg))
     self.word = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
     self.position = (Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
                      if cfg.position_embedding_type == "absolute" else None)
@@ -80,7 +80,7 @@ class EncoderBlock(nnx.Module):
   """Post-LN transformer block (BERT): x = LN(x + attn(x)); x = LN(x + mlp(x))."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    dt = _dtypes(cfg)
+    dt = dtypes(cfg)
     self.attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
                           num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
                           dropout_rate=cfg.attention_probs_dropout_prob,
@@ -109,7 +109,7 @@ class BertModel(PreTrainedModel):
     self.rope = rope_spec(cfg)
     self.layers = nnx.List([EncoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
     self.pooler = (Dense(cfg.hidden_size, cfg.hidden_size, init_std=cfg.initializer_range,
-                         rngs=rngs, **_dtypes(cfg)) if add_pooler else None)
+                         rngs=rngs, **dtypes(cfg)) if add_pooler else None)
 
   def __call__(self, input_ids_BT, attention_mask=None, token_type_ids=None,
                position_ids=None, *, rngs: nnx.Rngs | None = None) -> ModelOutput:

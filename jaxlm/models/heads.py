@@ -4,14 +4,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
+from jaxlm.models.base import dtypes
 from jaxlm.layers.activations import get_activation
 from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
 from jaxlm.layers.norm import LayerNorm
-
-
-def _dtypes(cfg: ModelConfig):
-  return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
 class MLMHead(nnx.Module):
@@ -24,11 +21,11 @@ class MLMHead(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, activation: str | None = None, rngs: nnx.Rngs):
     D, V = cfg.hidden_size, cfg.vocab_size
-    self.transform = Dense(D, D, init_std=cfg.initializer_range, rngs=rngs, **_dtypes(cfg))
+    self.transform = Dense(D, D, init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg))
     self.norm = LayerNorm(D, eps=cfg.layer_norm_eps)
     self.act = get_activation(activation or cfg.hidden_act)
     self.decoder = None if cfg.tie_word_embeddings else Dense(
-        D, V, use_bias=False, init_std=cfg.initializer_range, rngs=rngs, **_dtypes(cfg))
+        D, V, use_bias=False, init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg))
     self.bias = nnx.Param(jnp.zeros((V,), jnp.dtype(cfg.param_dtype)))
 
   def __call__(self, h_BPD, word_embeddings: Embed):
@@ -42,7 +39,7 @@ class NSPHead(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.classifier = Dense(cfg.hidden_size, 2, init_std=cfg.initializer_range, rngs=rngs,
-                            **_dtypes(cfg))
+                            **dtypes(cfg))
 
   def __call__(self, pooled_BD):
     return self.classifier(pooled_BD)
