@@ -24,13 +24,7 @@ def get_config(arg=None):
       position_embedding_type="absolute", max_position_embeddings=1024, type_vocab_size=0,
       tie_word_embeddings=True, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
       dtype="bfloat16")  # bf16 matmuls with f32 params: AMX speed (shared/PERF-NOTES.md)
-  c.tokenizer.vocab_size = 8192
-  c.data.max_seq_len = 512
-  c.train.update(objective="causal", steps=2000, batch_size=16, learning_rate=6e-4,
-                 warmup_steps=200, decay="cosine", end_learning_rate_factor=0.1,
-                 weight_decay=0.1, b2=0.95, eps=1e-8, eval_every=250)
-  c.eval.update(batch_size=16, max_batches=20)
-  c.checkpoint.every = 250
+  experiment.causal_lm_run(c, max_seq_len=512, batch_size=16, learning_rate=6e-4)
   if arg == "tiny":
     c.model.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=256, max_position_embeddings=64, dtype="float32",

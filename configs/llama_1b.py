@@ -25,13 +25,7 @@ def get_config(arg=None):
                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
       max_position_embeddings=131072, type_vocab_size=0, tie_word_embeddings=True,
       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, dtype="bfloat16")
-  c.tokenizer.vocab_size = 8192
-  c.data.max_seq_len = 1024
-  c.train.update(objective="causal", steps=2000, batch_size=8, learning_rate=3e-4,
-                 warmup_steps=200, decay="cosine", end_learning_rate_factor=0.1,
-                 weight_decay=0.1, b2=0.95, eps=1e-8, eval_every=250)
-  c.eval.update(batch_size=8, max_batches=20)
-  c.checkpoint.every = 250
+  experiment.causal_lm_run(c, max_seq_len=1024, batch_size=8, learning_rate=3e-4)
   if arg == "tiny":
     # Same family, toy size: GQA (4 query heads over 2 KV heads) and llama3 RoPE scaling
     # with an original context of 32 tokens, so the scaling bands all show up.

@@ -21,13 +21,7 @@ def get_config(arg=None):
       position_embedding_type="rope", rope_theta=10000.0, sliding_window=4096,
       max_position_embeddings=32768, type_vocab_size=0, tie_word_embeddings=False,
       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, dtype="bfloat16")
-  c.tokenizer.vocab_size = 8192
-  c.data.max_seq_len = 4096
-  c.train.update(objective="causal", steps=2000, batch_size=8, learning_rate=3e-4,
-                 warmup_steps=200, decay="cosine", end_learning_rate_factor=0.1,
-                 weight_decay=0.1, b2=0.95, eps=1e-8, eval_every=250)
-  c.eval.update(batch_size=8, max_batches=20)
-  c.checkpoint.every = 250
+  experiment.causal_lm_run(c, max_seq_len=4096, batch_size=8, learning_rate=3e-4)
   if arg == "tiny":
     c.model.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, intermediate_size=128, sliding_window=16,

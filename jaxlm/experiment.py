@@ -248,6 +248,21 @@ def with_overrides(cfg, **sections) -> ml_collections.ConfigDict:
 
 
 
+def causal_lm_run(c, *, max_seq_len: int, batch_size: int,
+                  learning_rate: float) -> ml_collections.ConfigDict:
+  """The full-size decoder configs' recipe (GPT-3 style: cosine to 10%, weight decay 0.1,
+  beta2 0.95); they differ only in row length, batch size and learning rate."""
+  c.tokenizer.vocab_size = 8192
+  c.data.max_seq_len = max_seq_len
+  c.train.update(objective="causal", steps=2000, batch_size=batch_size,
+                 learning_rate=learning_rate, warmup_steps=200, decay="cosine",
+                 end_learning_rate_factor=0.1, weight_decay=0.1, b2=0.95, eps=1e-8,
+                 eval_every=250)
+  c.eval.update(batch_size=batch_size, max_batches=20)
+  c.checkpoint.every = 250
+  return c
+
+
 def tiny_causal_run(c) -> ml_collections.ConfigDict:
   """The `:tiny` run shared by the decoder configs: seconds on a CPU, and one prepared
   corpus (same data and tokenizer settings) serves all of them."""
