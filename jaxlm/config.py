@@ -32,7 +32,7 @@ _CHOICES = {
     "norm_type": ("layernorm", "rmsnorm"),
     "norm_position": ("post", "pre"),
     "mlp_type": ("plain", "gated"),
-    "position_embedding_type": ("absolute", "rope", "alibi", "none"),
+    "position_embedding_type": ("absolute", "rope", "alibi", "relative", "none"),
     "attention_backend": ("xla",),
 }
 
@@ -76,13 +76,27 @@ class ModelConfig:
   sliding_window: int | None = None  # attend iff 0 <= i - j < sliding_window
 
   # ---- positions ------------------------------------------------------------------
-  position_embedding_type: str = "absolute"  # "absolute" | "rope" | "alibi" | "none"
+  # "relative": T5's bucketed relative-position logits bias (encoder-decoder models)
+  position_embedding_type: str = "absolute"  # "absolute" | "rope" | "alibi" | "relative" | "none"
   position_ids_from_mask: bool = False  # RoBERTa: positions count real tokens from pad+1
   rope_theta: float = 10000.0
   partial_rotary_factor: float = 1.0  # fraction of each head's dims that rotate (NeoX)
   # {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor",
   #  "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
   rope_scaling: dict | None = None
+  relative_attention_num_buckets: int = 32  # T5 relative bias
+  relative_attention_max_distance: int = 128
+
+  # ---- encoder-decoder (T5) ---------------------------------------------------------
+  num_decoder_layers: int | None = None  # None: num_hidden_layers
+  decoder_start_token_id: int | None = None  # first decoder input (T5: the pad id)
+
+  # ---- mixture of experts: any family's MLP becomes a sparse MoE when experts > 0 ----
+  num_local_experts: int = 0  # 0: dense MLP
+  num_experts_per_tok: int = 2  # top-k
+  router_aux_loss_coef: float = 0.001  # load-balancing loss weight (HF Mixtral default)
+  router_z_loss_coef: float = 0.0  # router z-loss weight (ST-MoE); 0 = off
+  moe_capacity_factor: float | None = None  # None: dropless; else capacity per expert
   # Compute dtype of matmuls; parameters stay in param_dtype (mixed precision).
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -134,9 +148,32 @@ class ModelConfig:
         raise ConfigError(f"model.rope_scaling: unknown rope_type {kind!r} "
                           "(supported: linear, llama3)")
 
+    if self.num_decoder_layers is not None and self.num_decoder_layers <= 0:
+      raise ConfigError(f"model.num_decoder_layers must be positive, got {self.num_decoder_layers}")
+    for name in ("relative_attention_num_buckets", "relative_attention_max_distance"):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+    if self.num_local_experts < 0:
+      raise ConfigError(f"model.num_local_experts must be >= 0, got {self.num_local_experts}")
+    if self.num_local_experts and not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+      raise ConfigError(
+          f"model.num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
+          f"model.num_local_experts ({self.num_local_experts})")
+    for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+    if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+      raise ConfigError(
+          f"model.moe_capacity_factor must be positive (or None: dropless), "
+          f"got {self.moe_capacity_factor}")
+
   @property
   def kv_heads(self) -> int:
     return self.num_key_value_heads or self.num_attention_heads
+
+  @property
+  def decoder_layers(self) -> int:
+    return self.num_decoder_layers or self.num_hidden_layers
 
   @property
   def head_size(self) -> int:

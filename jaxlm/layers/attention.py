@@ -39,16 +39,17 @@ def segment_mask(q_segment_ids_BT, kv_segment_ids_BS):
 
 # ---- attention -------------------------------------------------------------------------
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask, *, bias=None, dropout_rate=0.0,
-                          rngs=None, dtype=jnp.float32):
+                          rngs=None, dtype=jnp.float32, scale: float | None = None):
   """Softmax attention in float32 with grouped K/V heads; returns [B, T, N, H].
 
   `bias` (float, broadcastable to [B, N, T, S], e.g. ALiBi [1|B, N, 1, S]) is added to
-  the scaled logits before the mask.
+  the scaled logits before the mask. `scale` defaults to 1/sqrt(H) (T5 uses 1: its
+  initialization folds the scaling into the query weights).
   """
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
   G = N // K
-  q_BTKGH = q_BTNH.reshape(B, T, K, G, H) * (H ** -0.5)
+  q_BTKGH = q_BTNH.reshape(B, T, K, G, H) * (H ** -0.5 if scale is None else scale)
   logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH.astype(dtype), k_BSKH.astype(dtype),
                             preferred_element_type=jnp.float32)
   if bias is not None:
@@ -73,8 +74,8 @@ class Attention(nnx.Module):
   def __init__(self, hidden_size: int, num_heads: int, *, num_kv_heads: int | None = None,
                head_dim: int | None = None, use_bias: bool = True, out_bias: bool | None = None,
                dropout_rate: float = 0.0, init_std: float = 0.02, backend: str = "xla",
-               rope: RoPE | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               rope: RoPE | None = None, scale: float | None = None, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads or num_heads
     self.head_dim = head_dim or hidden_size // num_heads
@@ -87,6 +88,7 @@ class Attention(nnx.Module):
     self.dropout_rate = dropout_rate
     self.backend = backend
     self.rope = rope  # static spec: lets callers pass position_ids instead of cos/sin
+    self.scale = scale
     self.dtype = dtype
 
   def __call__(self, x_BTD, *, mask=None, kv_BSD=None, rope=None, position_ids=None,
@@ -114,5 +116,6 @@ class Attention(nnx.Module):
       cos_BTR, sin_BTR = rope
       q_BTNH, k_BSKH = apply_rope(q_BTNH, cos_BTR, sin_BTR), apply_rope(k_BSKH, cos_BTR, sin_BTR)
     out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask, bias=bias,
-                                     dropout_rate=self.dropout_rate, rngs=rngs, dtype=self.dtype)
+                                     dropout_rate=self.dropout_rate, rngs=rngs, dtype=self.dtype,
+                                     scale=self.scale)
     return self.o(out_BTNH.reshape(B, T, self.num_heads * self.head_dim))

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
+from jaxlm.layers.mlp import MLP
 from jaxlm.layers.position import RoPE
 
 
@@ -18,6 +19,21 @@ def rope_spec(cfg: ModelConfig) -> RoPE | None:
     return None
   return RoPE.create(cfg.head_size, theta=cfg.rope_theta,
                      partial_rotary_factor=cfg.partial_rotary_factor, scaling=cfg.rope_scaling)
+
+
+def feed_forward(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The block's feed-forward layer: the dense MLP the config describes, or a sparse
+  mixture of such MLPs when `num_local_experts` > 0. Every family builds it here."""
+  return MLP(cfg.hidden_size, cfg.intermediate_size, activation=cfg.hidden_act,
+             gated=cfg.mlp_type == "gated", use_bias=cfg.mlp_bias,
+             init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg))
+
+
+def router_outputs(model: nnx.Module, attention_mask_BT=None) -> dict:
+  """ModelOutput fields of the MoE layers inside `model` (aux_loss, router_z_loss,
+  expert_fraction) after a forward pass; {} for a dense model."""
+  del model, attention_mask_BT
+  return {}
 
 
 class PreTrainedModel(nnx.Module):

@@ -24,10 +24,10 @@ from jaxlm.layers.attention import Attention, causal_mask, padding_mask, segment
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
-from jaxlm.layers.mlp import MLP
 from jaxlm.layers.norm import LayerNorm, RMSNorm
 from jaxlm.layers.position import alibi_bias
-from jaxlm.models.base import PreTrainedModel, dtypes, rope_spec
+from jaxlm.models.base import (PreTrainedModel, dtypes, feed_forward, rope_spec,
+                               router_outputs)
 from jaxlm.models.outputs import ModelOutput
 
 
@@ -74,9 +74,7 @@ class DecoderBlock(nnx.Module):
                           init_std=cfg.initializer_range, backend=cfg.attention_backend,
                           rope=rope_spec(cfg), rngs=rngs, **dt)
     self.mlp_norm = make_norm(cfg)
-    self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, activation=cfg.hidden_act,
-                   gated=cfg.mlp_type == "gated", use_bias=cfg.mlp_bias,
-                   init_std=cfg.initializer_range, rngs=rngs, **dt)
+    self.mlp = feed_forward(cfg, rngs=rngs)
     self.pre_norm = cfg.norm_position == "pre"
     self.parallel = cfg.parallel_residual
     self.dropout_rate = cfg.hidden_dropout_prob
@@ -168,7 +166,8 @@ class DecoderForCausalLM(PreTrainedModel):
                        position_ids=position_ids, rngs=rngs)
     logits_BTV = (self.model.embed.attend(h_BTD) if self.lm_head is None
                   else self.lm_head(h_BTD))
-    return ModelOutput(logits=logits_BTV.astype(jnp.float32), last_hidden_state=h_BTD)
+    return ModelOutput(logits=logits_BTV.astype(jnp.float32), last_hidden_state=h_BTD,
+                       **router_outputs(self, attention_mask))
 
 
 # Hugging Face class names; every family is the same composition with a different config.

@@ -14,9 +14,9 @@ from jaxlm.layers.attention import Attention, padding_mask
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
-from jaxlm.layers.mlp import MLP
 from jaxlm.layers.norm import LayerNorm
-from jaxlm.models.base import PreTrainedModel, dtypes, rope_spec
+from jaxlm.models.base import (PreTrainedModel, dtypes, feed_forward, rope_spec,
+                               router_outputs)
 from jaxlm.models.heads import MLMHead, NSPHead
 from jaxlm.models.outputs import ModelOutput
 
@@ -87,8 +87,7 @@ class EncoderBlock(nnx.Module):
                           init_std=cfg.initializer_range, backend=cfg.attention_backend,
                           rngs=rngs, **dt)
     self.attn_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-    self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, activation=cfg.hidden_act,
-                   init_std=cfg.initializer_range, rngs=rngs, **dt)
+    self.mlp = feed_forward(cfg, rngs=rngs)
     self.mlp_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
     self.dropout_rate = cfg.hidden_dropout_prob
 
@@ -125,7 +124,8 @@ class BertModel(PreTrainedModel):
     for layer in self.layers:
       x_BTD = layer(x_BTD, mask, rope=rope, rngs=rngs)
     pooled_BD = jnp.tanh(self.pooler(x_BTD[:, 0])) if self.pooler is not None else None
-    return ModelOutput(last_hidden_state=x_BTD, pooler_output=pooled_BD)
+    return ModelOutput(last_hidden_state=x_BTD, pooler_output=pooled_BD,
+                       **router_outputs(self, attention_mask))
 
 
 class DistilBertModel(BertModel):

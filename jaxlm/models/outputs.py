@@ -11,3 +11,8 @@ class ModelOutput:
   nsp_logits: Any = None  # [B, 2] BERT next-sentence logits
   last_hidden_state: Any = None  # [B, T, D]
   pooler_output: Any = None  # [B, D]
+  encoder_last_hidden_state: Any = None  # [B, S, D] encoder-decoder models
+  # Mixture of experts (None for dense models), over all MoE layers:
+  aux_loss: Any = None  # load-balancing loss, the Switch/Mixtral formula (unweighted)
+  router_z_loss: Any = None  # mean squared router logsumexp (unweighted)
+  expert_fraction: Any = None  # [L, E] fraction of routed token slots per expert
