@@ -29,7 +29,7 @@ def get_config(arg=None):
   if arg == "tiny":
     c.model.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=256)
-    experiment.tiny_causal_run(c)
+    experiment.tiny_run(c)
   elif arg:
     raise ValueError(f"unknown variant {arg!r}; use configs/bloom_tiny.py or :tiny")
   return c

@@ -29,7 +29,7 @@ def get_config(arg=None):
     c.model.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=256, max_position_embeddings=64, dtype="float32",
                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    experiment.tiny_causal_run(c)
+    experiment.tiny_run(c)
   elif arg:
     raise ValueError(f"unknown variant {arg!r}; use configs/gpt2_small.py or :tiny")
   return c

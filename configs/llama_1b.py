@@ -35,7 +35,7 @@ def get_config(arg=None):
                    rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0,
                                  "original_max_position_embeddings": 32})
-    experiment.tiny_causal_run(c)
+    experiment.tiny_run(c)
   elif arg:
     raise ValueError(f"unknown variant {arg!r}; use configs/llama_1b.py or :tiny")
   return c

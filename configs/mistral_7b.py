@@ -26,7 +26,7 @@ def get_config(arg=None):
     c.model.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, intermediate_size=128, sliding_window=16,
                    max_position_embeddings=128, dtype="float32")
-    experiment.tiny_causal_run(c)
+    experiment.tiny_run(c)
   elif arg:
     raise ValueError(f"unknown variant {arg!r}; use configs/mistral_7b.py or :tiny")
   return c

@@ -14,7 +14,7 @@ import os
 import ml_collections
 
 from jaxlm.config import ModelConfig
-from jaxlm.data.objectives import BERT_OBJECTIVES, OBJECTIVES
+from jaxlm.data.objectives import BERT_OBJECTIVES, OBJECTIVES, SPAN, span_counts
 from jaxlm.errors import ConfigError
 
 # model.* keys that are training choices, not architecture: under model.init_from the
@@ -23,6 +23,7 @@ RUNTIME_MODEL_KEYS = ("dtype", "attention_backend", "hidden_dropout_prob",
                       "attention_probs_dropout_prob")
 # The model classes each objective trains (their heads and call signatures differ).
 _BERT_PRETRAINING = ("BertForPreTraining",)
+_SEQ2SEQ = ("T5ForConditionalGeneration",)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -41,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.split = (0.9, 0.05, 0.05)  # train / validation / test fractions
   c.data.max_seq_len = 128
   c.data.mask_prob = 0.15
+  # span_corruption (T5): data.max_seq_len is the encoder length after corruption
+  c.data.noise_density = 0.15
+  c.data.mean_noise_span_length = 3.0
+  c.data.num_sentinels = 100  # <extra_id_i>; appended to the vocabulary if missing
   c.data.num_threads = 2  # grain reader threads
   c.data.prefetch = 8  # examples buffered ahead of the train step
   # Lowercasing, stopword removal, lemmatization and punctuation removal change the
@@ -58,7 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.path = ""  # a ready-made tokenizer.json / vocab.txt / spm .model instead
 
   c.train = ml_collections.ConfigDict()
-  c.train.objective = "mlm+nsp"  # "mlm" | "nsp" | "mlm+nsp" (BERT) | "causal" (decoders)
+  # "mlm" | "nsp" | "mlm+nsp" (BERT) | "causal" (decoders) | "span_corruption" (T5)
+  c.train.objective = "mlm+nsp"
   c.train.steps = 1000
   c.train.batch_size = 32
   c.train.optimizer = "adamw"  # "adamw" | "sgd" (with momentum)
@@ -126,6 +132,10 @@ def check_objective(objective: str, model: ModelConfig, source: str = "model.arc
     if not model.causal:
       raise ConfigError("train.objective='causal' needs model.causal=True (otherwise "
                         "every token sees the one it must predict)")
+  elif objective == SPAN:
+    if arch not in _SEQ2SEQ:
+      raise ConfigError(f"train.objective={SPAN!r} needs an encoder-decoder model, but "
+                        f"{source} names {arch!r}; use {_SEQ2SEQ[0]}")
   elif arch not in _BERT_PRETRAINING:
     raise ConfigError(
         f"train.objective={objective!r} trains {_BERT_PRETRAINING[0]} (MLM and NSP heads), "
@@ -210,6 +220,16 @@ def validate(cfg) -> ModelConfig:
     raise ConfigError(f"data.max_seq_len must be >= 8, got {d.max_seq_len}")
   if not 0.0 < d.mask_prob < 1.0:
     raise ConfigError(f"data.mask_prob must be in (0, 1), got {d.mask_prob}")
+  if not 0.0 < d.noise_density < 1.0:
+    raise ConfigError(f"data.noise_density must be in (0, 1), got {d.noise_density}")
+  if d.mean_noise_span_length < 1.0:
+    raise ConfigError(f"data.mean_noise_span_length must be >= 1, got {d.mean_noise_span_length}")
+  if t.objective == SPAN:
+    spans = span_counts(d.max_seq_len * 2, d.noise_density, d.mean_noise_span_length)[1]
+    if d.num_sentinels < spans:
+      raise ConfigError(f"data.num_sentinels ({d.num_sentinels}) is below the number of noise "
+                        f"spans a row can have (up to {spans} at data.max_seq_len="
+                        f"{d.max_seq_len})")
   for key in ("steps", "batch_size", "eval_every", "log_every"):
     if t[key] <= 0:
       raise ConfigError(f"train.{key} must be positive, got {t[key]}")
@@ -263,9 +283,9 @@ def causal_lm_run(c, *, max_seq_len: int, batch_size: int,
   return c
 
 
-def tiny_causal_run(c) -> ml_collections.ConfigDict:
-  """The `:tiny` run shared by the decoder configs: seconds on a CPU, and one prepared
-  corpus (same data and tokenizer settings) serves all of them."""
+def tiny_run(c) -> ml_collections.ConfigDict:
+  """The `:tiny` run shared by the decoder and encoder-decoder configs: seconds on a CPU,
+  and one prepared corpus (same data and tokenizer settings) serves all of them."""
   c.tokenizer.vocab_size = 1024
   c.data.max_seq_len = 64
   c.train.update(steps=80, batch_size=16, learning_rate=5e-3, warmup_steps=5,

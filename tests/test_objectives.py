@@ -1,6 +1,10 @@
 import numpy as np
+import pytest
 
-from jaxlm.data.objectives import SpecialIds, bert_example, mask_tokens, pack_pair, truncate_pair
+from jaxlm.data.objectives import (SpecialIds, bert_example, mask_tokens, pack_pair,
+                                   random_spans_noise_mask, raw_length_for,
+                                   span_corruption_example, span_lengths, truncate_pair,
+                                   uncorrupt)
 
 SP = SpecialIds(pad=0, cls=2, sep=3, mask=4, special=frozenset({0, 1, 2, 3, 4}), vocab_size=1000)
 
@@ -43,3 +47,46 @@ def test_truncate_pair():
   rng = np.random.default_rng(0)
   a, b = truncate_pair(list(range(100)), list(range(10)), 50, rng)
   assert len(a) + len(b) == 50 and len(b) == 10
+
+
+# ---- T5 span corruption ------------------------------------------------------------------
+SENTINELS = list(range(999, 899, -1))  # <extra_id_0> is the last id, as in T5
+
+
+def test_noise_mask_density_and_span_lengths():
+  rng = np.random.default_rng(0)
+  noise = np.concatenate([random_spans_noise_mask(568, 0.15, 3.0, rng) for _ in range(200)])
+  assert abs(noise.mean() - 0.15) < 0.002
+  starts = noise & ~np.concatenate([[False], noise[:-1]])
+  assert abs(noise.sum() / starts.sum() - 3.0) < 0.05
+  # Every row starts clean and ends inside a span (clean, noise, clean, noise, ...).
+  one = random_spans_noise_mask(100, 0.15, 3.0, np.random.default_rng(1))
+  assert not one[0] and one[-1] and one.sum() == 15
+
+
+def test_span_lengths_match_t5():
+  # T5's span-corruption preprocessing: 568 raw tokens -> 512 inputs and 114 targets.
+  assert raw_length_for(512, 0.15, 3.0) == 568
+  assert span_lengths(568, 0.15, 3.0) == (512, 114)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_span_targets_reconstruct_the_original(seed):
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(2, 200))
+  tokens = rng.integers(5, 800, size=n)
+  enc, dec = span_lengths(n, 0.15, 3.0)
+  ex = span_corruption_example(tokens, rng, sentinels=SENTINELS, eos=1, pad=0,
+                               decoder_start=0, encoder_len=enc + 3, decoder_len=dec + 2)
+  n_in, n_out = int(ex["attention_mask"].sum()), int(ex["loss_weights"].sum())
+  assert (n_in, n_out) == (enc, dec)
+  inputs, targets = ex["input_ids"][:n_in], ex["targets"][:n_out]
+  assert inputs[-1] == 1 and targets[-1] == 1 and (ex["input_ids"][n_in:] == 0).all()
+  # Sentinels appear in order, once each, in both; targets open with the first one.
+  used = [t for t in inputs if t in SENTINELS]
+  assert used == SENTINELS[:len(used)] == [t for t in targets if t in SENTINELS]
+  assert targets[0] == SENTINELS[0]
+  assert uncorrupt(inputs[:-1], targets[:-1], SENTINELS) == tokens.tolist()
+  # Teacher forcing: the decoder reads the targets shifted right behind the start id.
+  assert ex["decoder_input_ids"][0] == 0
+  np.testing.assert_array_equal(ex["decoder_input_ids"][1:], ex["targets"][:-1])

@@ -1,6 +1,7 @@
 """Pretraining objectives as pure NumPy functions of (tokens, rng).
 
-BERT masked LM and next-sentence prediction, and causal LM over packed documents.
+BERT masked LM and next-sentence prediction, causal LM over packed documents, and T5
+span corruption.
 Each example is a pure function of its index (and its index's rng), so the pipeline
 stays deterministic and resumable whatever the shuffling or prefetching.
 """
@@ -13,7 +14,8 @@ import math
 import numpy as np
 
 BERT_OBJECTIVES = ("mlm", "nsp", "mlm+nsp")
-OBJECTIVES = (*BERT_OBJECTIVES, "causal")
+SPAN = "span_corruption"  # T5: encoder-decoder models
+OBJECTIVES = (*BERT_OBJECTIVES, "causal", SPAN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,3 +168,106 @@ def causal_example(segments: list[np.ndarray], *, max_seq_len: int, pad: int):
       "segment_ids": seg_T, "position_ids": pos_T, "targets": targets_T,
       "loss_weights": same_T.astype(np.float32),
   }
+
+
+# ---- T5 span corruption ---------------------------------------------------------------
+def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator):
+  """Splits num_items into num_segments positive lengths, uniformly at random."""
+  cuts = np.sort(rng.choice(np.arange(1, num_items), size=num_segments - 1, replace=False))
+  return np.diff(np.concatenate([[0], cuts, [num_items]]))
+
+
+def span_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+  """(noise tokens, noise spans) for a sequence of `length` tokens, as T5 rounds them."""
+  num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
+  num_spans = max(int(round(num_noise / mean_span_length)), 1)
+  return num_noise, min(num_spans, num_noise, length - num_noise)
+
+
+def span_lengths(raw_length: int, noise_density: float, mean_span_length: float):
+  """(encoder length, decoder length) of a corrupted `raw_length`-token example, each
+  with its closing end-of-sequence token: inputs keep the clean tokens and one sentinel
+  per span; targets hold one sentinel per span and the span's tokens."""
+  num_noise, num_spans = span_counts(raw_length, noise_density, mean_span_length)
+  return raw_length - num_noise + num_spans + 1, num_noise + num_spans + 1
+
+
+def raw_length_for(encoder_len: int, noise_density: float, mean_span_length: float) -> int:
+  """The longest raw token run whose corrupted inputs fit `encoder_len` tokens (T5's
+  `random_spans_helper`, solved exactly by search)."""
+  n = 2
+  while span_lengths(n + 1, noise_density, mean_span_length)[0] <= encoder_len:
+    n += 1
+  return n
+
+
+def random_spans_noise_mask(length: int, noise_density: float, mean_span_length: float,
+                            rng: np.random.Generator) -> np.ndarray:
+  """T5's noise mask: ~noise_density of the tokens in ~mean_span_length-long spans, spans
+  and gaps alternating from a clean start; bool [length], True = corrupted."""
+  num_noise, num_spans = span_counts(length, noise_density, mean_span_length)
+  noise = _random_segmentation(num_noise, num_spans, rng)
+  clean = _random_segmentation(length - num_noise, num_spans, rng)
+  lengths = np.stack([clean, noise], axis=1).reshape(-1)  # clean, noise, clean, noise, ...
+  return np.repeat(np.tile([False, True], num_spans), lengths)
+
+
+def span_corruption_example(tokens: np.ndarray, rng: np.random.Generator, *, sentinels,
+                            eos: int, pad: int, decoder_start: int, encoder_len: int,
+                            decoder_len: int, noise_density: float = 0.15,
+                            mean_span_length: float = 3.0):
+  """One T5 example. Inputs: the tokens with each corrupted span replaced by its own
+  sentinel; targets: each sentinel followed by the span it hides. Both end in eos.
+
+  `sentinels[i]` is the id of the i-th sentinel (T5: <extra_id_i>). The decoder reads
+  the targets shifted right behind `decoder_start`; `loss_weights` is 1 on real targets.
+  """
+  tokens = np.asarray(tokens, np.int32)
+  n = len(tokens)
+  noise = random_spans_noise_mask(n, noise_density, mean_span_length, rng)
+  span_starts = noise & ~np.concatenate([[False], noise[:-1]])
+  span_index = np.cumsum(span_starts) - 1  # which span each noise token belongs to
+  if span_index[-1] >= len(sentinels):
+    raise ValueError(f"{span_index[-1] + 1} noise spans but only {len(sentinels)} sentinels")
+  sentinel_ids = np.asarray(sentinels, np.int32)[np.maximum(span_index, 0)]
+  # Inputs: clean tokens, and a span's first token becomes its sentinel (the rest drop).
+  inputs = np.where(span_starts, sentinel_ids, tokens)[~noise | span_starts]
+  # Targets: the corrupted tokens, each span behind its sentinel.
+  num_spans = int(span_starts.sum())
+  targets = np.insert(tokens[noise], np.flatnonzero(span_starts[noise]),
+                      np.asarray(sentinels[:num_spans], np.int32))
+  inputs, targets = np.append(inputs, eos), np.append(targets, eos)
+  assert len(inputs) <= encoder_len and len(targets) <= decoder_len, (len(inputs), len(targets))
+
+  def padded(x, length, value=pad):
+    out = np.full(length, value, np.int32)
+    out[:len(x)] = x
+    return out
+
+  targets_T = padded(targets, decoder_len)
+  return {
+      "input_ids": padded(inputs, encoder_len),
+      "attention_mask": padded(np.ones(len(inputs)), encoder_len, 0),
+      "decoder_input_ids": np.concatenate([[decoder_start], targets_T[:-1]]).astype(np.int32),
+      "decoder_attention_mask": padded(np.ones(len(targets)), decoder_len, 0),
+      "targets": targets_T,
+      "loss_weights": padded(np.ones(len(targets)), decoder_len, 0).astype(np.float32),
+  }
+
+
+def uncorrupt(inputs, targets, sentinels) -> list[int]:
+  """The original tokens from a span-corruption (inputs, targets) pair, both without their
+  eos: each sentinel in the inputs is replaced by what follows it in the targets."""
+  sentinel_set = {int(s) for s in sentinels}
+  spans, current = {}, None
+  for t in targets:
+    t = int(t)
+    if t in sentinel_set:
+      current = spans.setdefault(t, [])
+    elif current is not None:
+      current.append(t)
+  out = []
+  for t in inputs:
+    t = int(t)
+    out.extend(spans.get(t, []) if t in sentinel_set else [t])
+  return out

@@ -2,7 +2,8 @@
 
 BERT examples are built from chunks of whole lines (see `TokenizedSplit.chunks`) by a
 `random_map`, whose rng grain derives from the pipeline seed and the element index.
-Causal-LM examples are rows of a packing plan fixed by the seed (`objectives.pack_plan`).
+Causal-LM examples are rows of a packing plan fixed by the seed (`objectives.pack_plan`);
+span-corruption (T5) examples corrupt such rows with a `random_map`.
 Either way an example depends on nothing but (seed, index), so the iterator state that
 grain checkpoints (a position) is enough to resume bit-for-bit.
 """
@@ -15,8 +16,9 @@ import grain
 import numpy as np
 
 from jaxlm.data.corpus import Corpus, TokenizedSplit
-from jaxlm.data.objectives import (OBJECTIVES, SpecialIds, bert_example, causal_example,
-                                   pack_plan, truncate_pair)
+from jaxlm.data.objectives import (OBJECTIVES, SPAN, SpecialIds, bert_example, causal_example,
+                                   pack_plan, raw_length_for, span_corruption_example,
+                                   span_lengths, truncate_pair)
 from jaxlm.errors import ConfigError
 
 
@@ -95,11 +97,13 @@ def end_of_document_id(tok) -> int:
   return int(eod)
 
 
-def causal_unigram_log_probs(corpus: Corpus) -> np.ndarray:
+def causal_unigram_log_probs(corpus: Corpus, vocab_size: int | None = None) -> np.ndarray:
   """Add-one smoothed unigram model of the causal targets: the training tokens plus one
-  end-of-document token per document; log p(token) [V]."""
+  end-of-document token per document; log p(token) [V] (V: the tokenizer's, or
+  `vocab_size` when the model appends ids such as span-corruption sentinels)."""
   train = corpus.splits["train"]
-  counts = np.bincount(train.tokens, minlength=corpus.tokenizer.vocab_size).astype(np.float64)
+  counts = np.bincount(train.tokens, minlength=vocab_size or corpus.tokenizer.vocab_size
+                       ).astype(np.float64)
   counts[end_of_document_id(corpus.tokenizer)] += train.num_docs
   counts += 1.0
   return np.log(counts / counts.sum())
@@ -139,14 +143,64 @@ def causal_rows(corpus: Corpus, split: str, max_seq_len: int, seed: int) -> Caus
   return CausalRows(s, row_offsets, pieces, eod=eod, pad=pad, max_seq_len=max_seq_len)
 
 
+def sentinel_ids(tok, num_sentinels: int) -> list[int]:
+  """Span-corruption sentinels: the tokenizer's own <extra_id_i> (T5 tokenizers), else ids
+  appended past its vocabulary, <extra_id_0> last, as T5 numbers them."""
+  own = [tok.token_to_id(f"<extra_id_{i}>") for i in range(num_sentinels)]
+  if all(i is not None for i in own):
+    return own
+  return [tok.vocab_size + num_sentinels - 1 - i for i in range(num_sentinels)]
+
+
+def span_model_ids(tok, num_sentinels: int) -> dict:
+  """ModelConfig ids for span corruption: the vocabulary grows by the appended sentinels;
+  the decoder starts from the pad id, as T5's does."""
+  eod = end_of_document_id(tok)
+  pad = eod if getattr(tok, "pad_id", None) is None else tok.pad_id
+  extra = 0 if max(sentinel_ids(tok, num_sentinels)) < tok.vocab_size else num_sentinels
+  return {"vocab_size": tok.vocab_size + extra, "pad_token_id": pad, "eos_token_id": eod,
+          "decoder_start_token_id": pad}
+
+
+def span_shapes(data_cfg) -> tuple[int, int, int]:
+  """(raw tokens per example, encoder length, decoder length) for data.max_seq_len."""
+  raw = raw_length_for(data_cfg.max_seq_len, data_cfg.noise_density,
+                       data_cfg.mean_noise_span_length)
+  return (raw, *span_lengths(raw, data_cfg.noise_density, data_cfg.mean_noise_span_length))
+
+
+class SpanRows:
+  """grain RandomMap: packing-plan row (raw tokens) -> T5 span-corruption example."""
+
+  def __init__(self, rows: CausalRows, tok, data_cfg):
+    self.rows = rows
+    _, self.encoder_len, self.decoder_len = span_shapes(data_cfg)
+    ids = span_model_ids(tok, data_cfg.num_sentinels)
+    self.sentinels = sentinel_ids(tok, data_cfg.num_sentinels)
+    self.kw = dict(eos=ids["eos_token_id"], pad=ids["pad_token_id"],
+                   decoder_start=ids["decoder_start_token_id"],
+                   noise_density=data_cfg.noise_density,
+                   mean_span_length=data_cfg.mean_noise_span_length)
+
+  def __call__(self, row: int, rng: np.random.Generator) -> dict[str, Any]:
+    ex = self.rows(row)
+    tokens = ex["input_ids"][ex["segment_ids"] > 0]
+    return span_corruption_example(tokens, rng, sentinels=self.sentinels,
+                                   encoder_len=self.encoder_len, decoder_len=self.decoder_len,
+                                   **self.kw)
+
+
 def _dataset(corpus: Corpus, split: str, data_cfg, objective: str, seed: int):
   """(source, transform, is_random): grain source and the per-example function."""
   if objective not in OBJECTIVES:
     raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {objective!r}")
-  if objective == "causal":
-    rows = causal_rows(corpus, split, data_cfg.max_seq_len, seed)
+  if objective in ("causal", SPAN):
+    row_len = data_cfg.max_seq_len if objective == "causal" else span_shapes(data_cfg)[0]
+    rows = causal_rows(corpus, split, row_len, seed)
     if len(rows) == 0:
       raise ConfigError(f"data: the {split} split has no tokens")
+    if objective == SPAN:
+      return grain.MapDataset.range(len(rows)), SpanRows(rows, corpus.tokenizer, data_cfg), True
     return grain.MapDataset.range(len(rows)), rows, False
   s = corpus.splits[split]
   budget = data_cfg.max_seq_len - (3 if "nsp" in objective else 2)

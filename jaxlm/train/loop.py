@@ -1,6 +1,7 @@
 """The pretraining job: prepare data, build the model (or load `model.init_from`), train
 with periodic evaluation and checkpoints, resume automatically, and finish with a test
-evaluation and a report. BERT objectives (mlm, nsp, mlm+nsp) and causal LM share it."""
+evaluation and a report. BERT objectives (mlm, nsp, mlm+nsp), causal LM and T5 span
+corruption share it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from jaxlm import experiment
 from jaxlm.data import pipeline
 from jaxlm.data.corpus import Corpus, prepare_corpus
+from jaxlm.data.objectives import SPAN
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.models import auto
@@ -44,11 +46,12 @@ class Evaluator:
   targets (masked tokens for MLM, next tokens for causal LM).
   """
 
-  def __init__(self, corpus: Corpus, cfg, graphdef):
+  def __init__(self, corpus: Corpus, cfg, graphdef, vocab_size: int | None = None):
     self.corpus, self.cfg = corpus, cfg
-    self.causal = cfg.train.objective == "causal"
+    # Causal LM and span corruption both predict `targets` where `loss_weights` is 1.
+    self.causal = cfg.train.objective in ("causal", SPAN)
     self.eval_step = make_eval_step(graphdef, cfg.train.objective)
-    self.unigram_logp = (pipeline.causal_unigram_log_probs(corpus) if self.causal
+    self.unigram_logp = (pipeline.causal_unigram_log_probs(corpus, vocab_size) if self.causal
                          else corpus.unigram_log_probs())
     self._batches: dict[str, list] = {}
 
@@ -88,6 +91,18 @@ class Evaluator:
     return out
 
 
+def _router_metrics(m) -> dict[str, float]:
+  """MoE balance: aux losses, and the fraction of routed token slots per expert (the mean
+  over layers, plus the extremes over layers and experts)."""
+  if "expert_fraction" not in m:
+    return {}
+  frac_LE = m["expert_fraction"]
+  out = {"router_aux_loss": m["router_aux_loss"], "router_z_loss": m["router_z_loss"],
+         "expert_fraction_min": frac_LE.min(), "expert_fraction_max": frac_LE.max()}
+  out.update({f"expert_fraction_{e}": f for e, f in enumerate(frac_LE.mean(0))})
+  return out
+
+
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
   return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
@@ -125,7 +140,9 @@ def setup(cfg, workdir: str):
   tok = corpus.tokenizer
   if model is None:
     ids = {"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id}
-    if cfg.train.objective == "causal":
+    if cfg.train.objective == SPAN:
+      ids = pipeline.span_model_ids(tok, cfg.data.num_sentinels)
+    elif cfg.train.objective == "causal":
       eod = pipeline.end_of_document_id(tok)
       ids.update(eos_token_id=eod, pad_token_id=eod if tok.pad_id is None else tok.pad_id)
     model = auto.build_model(model_cfg.replace(**ids), seed=cfg.seed)
@@ -157,7 +174,7 @@ def train(cfg, workdir: str) -> dict[str, Any]:
   train_step = make_train_step(
       graphdef, tx, seed=cfg.seed, objective=t.objective,
       dropout=mc.hidden_dropout_prob > 0 or mc.attention_probs_dropout_prob > 0)
-  evaluator = Evaluator(corpus, cfg, graphdef)
+  evaluator = Evaluator(corpus, cfg, graphdef, mc.vocab_size)
 
   def save(step):
     ckpt.save(step, (params, opt_state), {**run, "data_iter": data_iter.get_state()})
@@ -181,11 +198,12 @@ def train(cfg, workdir: str) -> dict[str, Any]:
       run["train_seconds"] += dt
       row = {"loss": m["loss"], "learning_rate": schedule(step - 1),
              "tokens_per_s": interval_tokens / max(dt, 1e-9), "grad_norm": m["grad_norm"]}
-      if t.objective == "causal":
+      if "lm_count" in m:
         row["accuracy"] = m["lm_correct"] / max(m["lm_count"], 1)
       else:
         row.update(mlm_accuracy=m["mlm_correct"] / max(m["mlm_count"], 1),
                    nsp_accuracy=m["nsp_correct"] / max(m["nsp_count"], 1))
+      row.update(_router_metrics(m))
       writer.write(step, row)
       bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
       if bar.disable:  # no terminal: a plain progress line instead of the bar
@@ -238,7 +256,11 @@ def finish(cfg, workdir, corpus, model, evaluator, params, run, wall) -> dict[st
       "corpus": {k: v for k, v in corpus.manifest.items() if k != "settings"},
   }
   e = cfg.eval
-  if cfg.train.objective == "causal":
+  if cfg.train.objective == SPAN:
+    rep["samples"] = report_lib.span_samples(
+        model, corpus, evaluator.batches("test")[0], e.samples,
+        pipeline.sentinel_ids(corpus.tokenizer, cfg.data.num_sentinels))
+  elif cfg.train.objective == "causal":
     rep["samples"] = report_lib.continuation_samples(
         model, corpus, e.samples, eod=pipeline.end_of_document_id(corpus.tokenizer),
         prompt_tokens=e.sample_prompt_tokens,
@@ -266,7 +288,7 @@ def evaluate(cfg, workdir: str) -> dict[str, Any]:
     raise ConfigError(f"--workdir {workdir}: no checkpoints to evaluate (train first)")
   (params, _), _ = ckpt.restore(step, (params, tx.init(params)))
   ckpt.close()
-  evaluator = Evaluator(corpus, cfg, graphdef)
+  evaluator = Evaluator(corpus, cfg, graphdef, model.config.vocab_size)
   out = {"step": int(step), **_prefixed("val", evaluator(params, "validation")),
          **_prefixed("test", evaluator(params, "test"))}
   with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:

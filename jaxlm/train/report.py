@@ -1,5 +1,6 @@
 """The end-of-run report: headline numbers, and examples from the test split: fill-mask
-guesses (BERT) or greedy continuations of document openings (causal LM)."""
+guesses (BERT), greedy continuations of document openings (causal LM) or greedy span
+reconstructions (T5 span corruption)."""
 
 from __future__ import annotations
 
@@ -101,6 +102,63 @@ def continuation_samples(model, corpus: Corpus, n: int, *, eod: int, prompt_toke
   return out
 
 
+def greedy_seq2seq(model, batch, new_tokens: int, start_id: int) -> np.ndarray:
+  """Greedy decoding of an encoder-decoder by full forward passes: -> [B, new_tokens].
+  As in `greedy_continue`, one fixed-shape decoder buffer serves every step."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, ids_BS, mask_BS, dec_BT):
+    m = nnx.merge(graphdef, state)
+
+    def step(t, dec_BT):
+      logits_BTV = m(ids_BS, mask_BS, decoder_input_ids=dec_BT).logits
+      next_B = jnp.argmax(jax.lax.dynamic_index_in_dim(logits_BTV, t, 1, False), -1)
+      return dec_BT.at[:, t + 1].set(next_B.astype(dec_BT.dtype))
+
+    return jax.lax.fori_loop(0, new_tokens, step, dec_BT)
+
+  B = batch["input_ids"].shape[0]
+  dec_BT = np.zeros((B, new_tokens + 1), np.int32)
+  dec_BT[:, 0] = start_id
+  out = run(state, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+            jnp.asarray(dec_BT))
+  return np.asarray(out)[:, 1:]
+
+
+def _span_text(ids, tok, sentinels, eos: int) -> str:
+  """Text with sentinel ids spelled <extra_id_i> (they may lie past the tokenizer's
+  vocabulary), cut at the first eos."""
+  names = {int(s): f"<extra_id_{i}>" for i, s in enumerate(sentinels)}
+  parts, run = [], []
+  for i in (int(x) for x in ids):
+    if i == eos:
+      break
+    if i in names:
+      parts += [tok.decode(run), names[i]] if run else [names[i]]
+      run = []
+    else:
+      run.append(i)
+  if run:
+    parts.append(tok.decode(run))
+  return " ".join(p for p in parts if p)
+
+
+def span_samples(model, corpus: Corpus, batch, n: int, sentinels) -> list[dict[str, Any]]:
+  """The first `n` examples of a span-corruption batch: corrupted input, target spans and
+  the model's greedy guess at them."""
+  if n < 1:
+    return []
+  batch = {k: v[:n] for k, v in batch.items()}
+  cfg, tok = model.config, corpus.tokenizer
+  pred = greedy_seq2seq(model, batch, batch["targets"].shape[1], cfg.decoder_start_token_id)
+  eos = cfg.eos_token_id
+  return [{"input": _span_text(batch["input_ids"][i], tok, sentinels, eos),
+           "target": _span_text(batch["targets"][i], tok, sentinels, eos),
+           "prediction": _span_text(pred[i], tok, sentinels, eos)}
+          for i in range(len(pred))]
+
+
 def format_report(rep: dict[str, Any]) -> str:
   def g(k):
     v = rep.get(k)
@@ -111,13 +169,18 @@ def format_report(rep: dict[str, Any]) -> str:
       f"params {g('params')} | tokens seen {g('tokens_seen')} | steps {g('steps')} | "
       f"wall {rep['wall_seconds']:.0f}s",
   ]
-  if "samples" in rep:  # causal LM
+  if "samples" in rep:  # causal LM / span corruption
     lines += [
         f"val:  perplexity {g('val_perplexity')} (unigram baseline "
         f"{g('unigram_perplexity')}), next-token accuracy {g('val_accuracy')}",
         f"test: perplexity {g('test_perplexity')}, next-token accuracy {g('test_accuracy')}",
     ]
-    lines += [f"  {ex['prompt']} >>> {ex['continuation']}" for ex in rep["samples"]]
+    for ex in rep["samples"]:
+      if "prediction" in ex:
+        lines.append(f"  {ex['input']}\n    target: {ex['target']}\n    model:  "
+                     f"{ex['prediction']}")
+      else:
+        lines.append(f"  {ex['prompt']} >>> {ex['continuation']}")
     return "\n".join(lines)
   lines += [
       f"val:  MLM perplexity {g('val_mlm_perplexity')} (unigram baseline "
