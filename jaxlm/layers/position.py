@@ -1,4 +1,5 @@
-"""Position encodings: RoPE (with linear / llama3 scaling), ALiBi and sinusoidal tables.
+"""Position encodings: RoPE (with linear / llama3 scaling), ALiBi, sinusoidal tables and
+T5's bucketed relative-position bias.
 
 Learned absolute positions need nothing here: they are an `Embed` indexed by position id.
 Everything static (inverse frequencies, slopes) is computed in NumPy float32 once per
@@ -12,8 +13,10 @@ import dataclasses
 import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 
 # ---- RoPE ------------------------------------------------------------------------------
@@ -149,3 +152,60 @@ def sinusoidal_table(num_positions: int, dim: int) -> np.ndarray:
   table[:, 0::2] = np.sin(angles[:, 0::2])
   table[:, 1::2] = np.cos(angles[:, 1::2])
   return table.astype(np.float32)
+
+
+# ---- T5 relative position buckets --------------------------------------------------------
+def relative_position_bucket(relative_position, *, bidirectional: bool, num_buckets: int = 32,
+                             max_distance: int = 128):
+  """T5's bucket of each relative position (key - query), as HF `_relative_position_bucket`.
+
+  Bidirectional (encoder): half the buckets for keys after the query, half for those at or
+  before it. Unidirectional (causal decoder): keys after the query all share bucket 0. Within
+  a direction, distances below num_buckets // 2 get one bucket each, longer ones share
+  log-spaced buckets up to `max_distance`, and everything beyond lands in the last bucket.
+  """
+  rel = jnp.asarray(relative_position).astype(jnp.int32)
+  bucket = jnp.zeros_like(rel)
+  if bidirectional:
+    num_buckets //= 2
+    bucket = bucket + (rel > 0).astype(jnp.int32) * num_buckets
+    dist = jnp.abs(rel)
+  else:
+    dist = -jnp.minimum(rel, 0)
+  max_exact = num_buckets // 2
+  # Same float32 expression and truncation as HF, so boundary distances land alike.
+  # (Small distances would take log(0) here; `where` discards those lanes.)
+  log_ratio = jnp.log(jnp.maximum(dist, 1).astype(jnp.float32) / max_exact)
+  large = max_exact + (log_ratio / math.log(max_distance / max_exact)
+                       * (num_buckets - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return bucket + jnp.where(dist < max_exact, dist, large)
+
+
+class RelativePositionBias(nnx.Module):
+  """T5's learned [num_buckets, num_heads] table of attention-logit biases.
+
+  One table serves every layer of a stack (T5 computes it in block 0 and reuses it).
+  Taking positions rather than lengths lets a KV cache ask for the bias of new queries
+  (positions t0..t0+T-1) against all cached keys.
+  """
+
+  def __init__(self, num_buckets: int, num_heads: int, *, bidirectional: bool,
+               max_distance: int = 128, init_std: float = 0.02, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num_buckets, num_heads),
+                                                 param_dtype) * init_std)
+    self.num_buckets = num_buckets
+    self.bidirectional = bidirectional
+    self.max_distance = max_distance
+
+  def __call__(self, q_positions_T, k_positions_S):
+    """Bias [1, N, T, S] for 1-D positions, or [B, N, T, S] for per-row [B, T] / [B, S]."""
+    q_T1 = jnp.asarray(q_positions_T)[..., :, None]
+    k_1S = jnp.asarray(k_positions_S)[..., None, :]
+    buckets_TS = relative_position_bucket(k_1S - q_T1, bidirectional=self.bidirectional,
+                                          num_buckets=self.num_buckets,
+                                          max_distance=self.max_distance)
+    values_TSN = jnp.take(self.embedding[...], buckets_TS, axis=0).astype(jnp.float32)
+    bias_NTS = jnp.moveaxis(values_TSN, -1, -3)
+    return bias_NTS if bias_NTS.ndim == 4 else bias_NTS[None]

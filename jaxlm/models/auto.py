@@ -17,12 +17,12 @@ from safetensors.numpy import load_file, save_file
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError, DataError
-from jaxlm.models import decoder, encoder
+from jaxlm.models import decoder, encoder, encoder_decoder
 
 WEIGHTS_NAME = "model.safetensors"
 
 # Architecture names are Hugging Face class names; each module lists its own.
-ARCHITECTURES = {**encoder.ARCHITECTURES, **decoder.ARCHITECTURES}
+ARCHITECTURES = {**encoder.ARCHITECTURES, **decoder.ARCHITECTURES, **encoder_decoder.ARCHITECTURES}
 
 
 def build_model(cfg: ModelConfig, *, seed: int = 0) -> nnx.Module:

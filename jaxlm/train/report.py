@@ -126,9 +126,9 @@ def greedy_seq2seq(model, batch, new_tokens: int, start_id: int) -> np.ndarray:
   return np.asarray(out)[:, 1:]
 
 
-def _span_text(ids, tok, sentinels, eos: int) -> str:
+def _span_text(ids, tok, sentinels, eos: int | None = None) -> str:
   """Text with sentinel ids spelled <extra_id_i> (they may lie past the tokenizer's
-  vocabulary), cut at the first eos."""
+  vocabulary), cut at the first `eos` if given."""
   names = {int(s): f"<extra_id_{i}>" for i, s in enumerate(sentinels)}
   parts, run = [], []
   for i in (int(x) for x in ids):
@@ -152,10 +152,12 @@ def span_samples(model, corpus: Corpus, batch, n: int, sentinels) -> list[dict[s
   batch = {k: v[:n] for k, v in batch.items()}
   cfg, tok = model.config, corpus.tokenizer
   pred = greedy_seq2seq(model, batch, batch["targets"].shape[1], cfg.decoder_start_token_id)
-  eos = cfg.eos_token_id
-  return [{"input": _span_text(batch["input_ids"][i], tok, sentinels, eos),
-           "target": _span_text(batch["targets"][i], tok, sentinels, eos),
-           "prediction": _span_text(pred[i], tok, sentinels, eos)}
+  # Packed rows keep their end-of-document tokens (the same id as the final eos), so the
+  # inputs and targets are cut by their masks; the model's guess at its first eos.
+  n_in, n_out = batch["attention_mask"].sum(1) - 1, batch["loss_weights"].sum(1).astype(int) - 1
+  return [{"input": _span_text(batch["input_ids"][i, :n_in[i]], tok, sentinels),
+           "target": _span_text(batch["targets"][i, :n_out[i]], tok, sentinels),
+           "prediction": _span_text(pred[i], tok, sentinels, cfg.eos_token_id)}
           for i in range(len(pred))]
 
 

@@ -1,0 +1,172 @@
+"""Encoder-decoder models: T5 and T5 v1.1 (T5ForConditionalGeneration).
+
+  encoder: tokens -> shared embed -> N x [x += attn(norm x); x += ff(norm x)] -> norm
+  decoder: tokens -> shared embed -> M x [x += causal attn(norm x);
+                                          x += cross attn(norm x, encoder);
+                                          x += ff(norm x)] -> norm -> LM head
+
+No absolute positions: each stack holds ONE learned table of relative-position logit
+biases (bidirectional buckets in the encoder, causal ones in the decoder) that every
+self-attention layer of that stack adds; cross-attention has none. Norms are RMSNorm
+without bias, projections have no biases, and attention is unscaled (T5 folds 1/sqrt(d)
+into the query initialization). T5 uses a ReLU MLP, v1.1 a gated-GELU one; both come
+from `feed_forward`, so a mixture-of-experts config swaps them everywhere.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.config import ModelConfig
+from jaxlm.errors import ConfigError
+from jaxlm.layers.attention import Attention, causal_mask, padding_mask
+from jaxlm.layers.dropout import dropout
+from jaxlm.layers.embed import Embed
+from jaxlm.layers.linear import Dense
+from jaxlm.layers.norm import RMSNorm
+from jaxlm.layers.position import RelativePositionBias
+from jaxlm.models.base import PreTrainedModel, dtypes, feed_forward, router_outputs
+from jaxlm.models.outputs import ModelOutput
+
+# Block-layout fields that T5 fixes; any other value would be silently ignored, so it is
+# refused. (mlp_type, hidden_act, mlp_bias and num_key_value_heads are honoured.)
+_T5_FIXED = dict(causal=False, norm_type="rmsnorm", norm_position="pre", embedding_norm=False,
+                 parallel_residual=False, sliding_window=None, attention_bias=False,
+                 position_embedding_type="relative", position_ids_from_mask=False)
+
+
+def _check_t5_config(cfg: ModelConfig) -> None:
+  for key, value in _T5_FIXED.items():
+    if getattr(cfg, key) != value:
+      raise ConfigError(f"model.{key}={getattr(cfg, key)!r} is not supported by "
+                        f"T5ForConditionalGeneration (only {value!r})")
+  if cfg.attention_out_bias:
+    raise ConfigError("model.attention_out_bias=True is not supported by "
+                      "T5ForConditionalGeneration (T5 projections have no biases)")
+
+
+def _norm(cfg: ModelConfig) -> RMSNorm:
+  return RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+def _attention(cfg: ModelConfig, rngs: nnx.Rngs) -> Attention:
+  return Attention(cfg.hidden_size, cfg.num_attention_heads,
+                   num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_size,
+                   use_bias=False, dropout_rate=cfg.attention_probs_dropout_prob,
+                   init_std=cfg.initializer_range, backend=cfg.attention_backend,
+                   scale=1.0, rngs=rngs, **dtypes(cfg))
+
+
+class T5Block(nnx.Module):
+  """Pre-norm self-attention (+ cross-attention in the decoder) + feed-forward."""
+
+  def __init__(self, cfg: ModelConfig, *, cross: bool, rngs: nnx.Rngs):
+    self.attn_norm = _norm(cfg)
+    self.attn = _attention(cfg, rngs)
+    self.cross_norm = _norm(cfg) if cross else None
+    self.cross_attn = _attention(cfg, rngs) if cross else None
+    self.mlp_norm = _norm(cfg)
+    self.mlp = feed_forward(cfg, rngs=rngs)
+    self.dropout_rate = cfg.hidden_dropout_prob
+
+  def __call__(self, x_BTD, mask, bias_1NTT, *, enc_BSD=None, enc_mask=None, rngs=None):
+    def residual(h_BTD):
+      return dropout(h_BTD, self.dropout_rate, rngs)
+
+    x_BTD = x_BTD + residual(self.attn(self.attn_norm(x_BTD), mask=mask, bias=bias_1NTT,
+                                       rngs=rngs))
+    if self.cross_attn is not None:
+      x_BTD = x_BTD + residual(self.cross_attn(self.cross_norm(x_BTD), kv_BSD=enc_BSD,
+                                               mask=enc_mask, rngs=rngs))
+    return x_BTD + residual(self.mlp(self.mlp_norm(x_BTD)))
+
+
+class T5Stack(nnx.Module):
+  """The block stack of one side (embeddings are shared and live on the model)."""
+
+  def __init__(self, cfg: ModelConfig, *, decoder: bool, rngs: nnx.Rngs):
+    depth = cfg.decoder_layers if decoder else cfg.num_hidden_layers
+    # One bias table per stack, shared by all its layers (HF keeps it in block 0).
+    self.position = RelativePositionBias(
+        cfg.relative_attention_num_buckets, cfg.num_attention_heads, bidirectional=not decoder,
+        max_distance=cfg.relative_attention_max_distance, init_std=cfg.initializer_range,
+        param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+    self.layers = nnx.List([T5Block(cfg, cross=decoder, rngs=rngs) for _ in range(depth)])
+    self.norm = _norm(cfg)
+    self.dropout_rate = cfg.hidden_dropout_prob
+
+  def __call__(self, x_BTD, mask, *, enc_BSD=None, enc_mask=None, rngs=None):
+    T = x_BTD.shape[1]
+    positions_T = jnp.arange(T)
+    bias_1NTT = self.position(positions_T, positions_T)  # computed once, used by every layer
+    x_BTD = dropout(x_BTD, self.dropout_rate, rngs)
+    for layer in self.layers:
+      x_BTD = layer(x_BTD, mask, bias_1NTT, enc_BSD=enc_BSD, enc_mask=enc_mask, rngs=rngs)
+    return dropout(self.norm(x_BTD), self.dropout_rate, rngs)
+
+
+class T5ForConditionalGeneration(PreTrainedModel):
+  """T5 / T5 v1.1 with the LM head: tied to the shared embedding (decoder output scaled
+  by d_model**-0.5 first, as T5 does) or a bias-free Dense (v1.1, no scaling)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    _check_t5_config(cfg)
+    self.config = cfg
+    self.shared = Embed(cfg.vocab_size, cfg.hidden_size, init_std=cfg.initializer_range,
+                        rngs=rngs, **dtypes(cfg))
+    self.encoder = T5Stack(cfg, decoder=False, rngs=rngs)
+    self.decoder = T5Stack(cfg, decoder=True, rngs=rngs)
+    self.lm_head = None if cfg.tie_word_embeddings else Dense(
+        cfg.hidden_size, cfg.vocab_size, use_bias=False, init_std=cfg.initializer_range,
+        rngs=rngs, **dtypes(cfg))
+
+  def encode(self, input_ids_BS, attention_mask=None, *, rngs: nnx.Rngs | None = None):
+    """Encoder hidden states [B, S, D] (float32). attention_mask [B, S]: 1 = real token."""
+    mask = None if attention_mask is None else padding_mask(attention_mask)
+    return self.encoder(self.shared(input_ids_BS), mask, rngs=rngs)
+
+  def decode(self, decoder_input_ids_BT, encoder_hidden_BSD, attention_mask=None,
+             decoder_attention_mask=None, *, rngs: nnx.Rngs | None = None) -> ModelOutput:
+    """Next-token logits [B, T, V] (float32) and the decoder's final hidden states.
+
+    attention_mask [B, S] marks the real encoder tokens (cross-attention keys);
+    decoder_attention_mask [B, T] the real decoder tokens (on top of the causal mask).
+    """
+    T = decoder_input_ids_BT.shape[1]
+    mask = causal_mask(T, T)
+    if decoder_attention_mask is not None:
+      mask = mask & padding_mask(decoder_attention_mask)
+    enc_mask = None if attention_mask is None else padding_mask(attention_mask)
+    h_BTD = self.decoder(self.shared(decoder_input_ids_BT), mask, enc_BSD=encoder_hidden_BSD,
+                         enc_mask=enc_mask, rngs=rngs)
+    if self.lm_head is None:
+      # Tied: T5 rescales the decoder output so the embedding can serve as the head.
+      logits_BTV = self.shared.attend(h_BTD * self.config.hidden_size ** -0.5)
+    else:
+      logits_BTV = self.lm_head(h_BTD)
+    return ModelOutput(logits=logits_BTV.astype(jnp.float32), last_hidden_state=h_BTD)
+
+  def __call__(self, input_ids_BS, attention_mask=None, *, decoder_input_ids,
+               decoder_attention_mask=None, rngs: nnx.Rngs | None = None) -> ModelOutput:
+    """Teacher-forced forward pass.
+
+    Args:
+      input_ids_BS: int [B, S] encoder tokens.
+      attention_mask: [B, S], 1 = real token, 0 = padding (default all real).
+      decoder_input_ids: int [B, T], usually the targets shifted right behind
+        `config.decoder_start_token_id`.
+      decoder_attention_mask: [B, T], 1 = real token (default all real).
+      rngs: dropout randomness; None = deterministic.
+
+    Returns:
+      ModelOutput with logits [B, T, V] (float32), last_hidden_state [B, T, D] (decoder)
+      and encoder_last_hidden_state [B, S, D].
+    """
+    enc_BSD = self.encode(input_ids_BS, attention_mask, rngs=rngs)
+    out = self.decode(decoder_input_ids, enc_BSD, attention_mask, decoder_attention_mask,
+                      rngs=rngs)
+    return out.replace(encoder_last_hidden_state=enc_BSD, **router_outputs(self, attention_mask))
+
+
+ARCHITECTURES = {"T5ForConditionalGeneration": T5ForConditionalGeneration}
