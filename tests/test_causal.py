@@ -24,10 +24,11 @@ from jaxlm.train.steps import causal_lm_stats
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from configs import bert_tiny, bloom_tiny, gpt2_small, llama_1b, mistral_7b  # noqa: E402
+from configs import (bert_tiny, bloom_tiny, gpt2_small, llama_1b, mistral_7b,  # noqa: E402
+                     mixtral_8x7b)
 
 TINY_DECODERS = {"gpt2_small": gpt2_small, "llama_1b": llama_1b, "mistral_7b": mistral_7b,
-                 "bloom_tiny": bloom_tiny}
+                 "bloom_tiny": bloom_tiny, "mixtral_8x7b": mixtral_8x7b}
 WORDS = "the king queen sword crown night storm ghost blood honour love death".split()
 
 
@@ -197,7 +198,8 @@ def test_full_size_configs_validate_and_build_abstractly(name):
   model = auto.build_abstract_model(model_cfg)
   n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   expected = {"gpt2_small": 92e6, "llama_1b": 0.99e9, "mistral_7b": 7.05e9,
-              "bloom_tiny": 5.3e6}[name]  # with an 8192-token vocabulary
+              "bloom_tiny": 5.3e6,  # with an 8192-token vocabulary
+              "mixtral_8x7b": 46.5078e9}[name]  # 46,702,792,704 with its 32000 tokens
   assert abs(n / expected - 1) < 0.01, n
 
 
@@ -214,7 +216,8 @@ def tiny_corpus(tmp_path_factory):
 def val_loss_at_init(cfg, workdir) -> float:
   corpus, model = loop.setup(cfg, str(workdir))
   graphdef, params = nnx.split(model, nnx.Param)
-  return loop.Evaluator(corpus, cfg, graphdef)(params, "validation")["loss"]
+  return loop.Evaluator(corpus, cfg, graphdef, model.config.vocab_size)(params,
+                                                                       "validation")["loss"]
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +250,23 @@ def test_tiny_decoder_training_lowers_val_loss(trained, name):
   rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if "val_loss" in r] == [40, 80]
   assert {"loss", "accuracy", "tokens_per_s"} <= set(rows[0])
+
+
+@pytest.mark.slow
+def test_tiny_mixtral_routes_evenly_and_logs_router_balance(trained):
+  wd, _, rep = trained["mixtral_8x7b"]
+  E = 4
+  rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+  train_rows = [r for r in rows if "expert_fraction_min" in r]
+  assert len(train_rows) == 4  # every logged training step reports the router
+  last = train_rows[-1]
+  # By the end each expert gets between half and twice its fair share of token slots,
+  # in every layer (the min/max run over layers and experts).
+  assert 0.5 / E <= last["expert_fraction_min"] <= last["expert_fraction_max"] <= 2 / E, last
+  np.testing.assert_allclose(sum(last[f"expert_fraction_{e}"] for e in range(E)), 1.0,
+                             rtol=1e-5)
+  assert last["router_aux_loss"] >= 1.0 - 1e-3  # E * sum f_e P_e >= 1, = 1 when balanced
+  assert rep["params"] > 0
 
 
 @pytest.mark.slow

@@ -234,7 +234,7 @@ def _check_expressible(spec: _Spec, cfg: ModelConfig) -> None:
   need = dict(causal=False, norm_type="layernorm", norm_position="post", norm_bias=True,
               embedding_norm=False, mlp_type="plain", mlp_bias=True, attention_bias=True,
               parallel_residual=False, sliding_window=None, position_embedding_type="absolute",
-              position_ids_from_mask=spec is ROBERTA)
+              position_ids_from_mask=spec is ROBERTA, num_local_experts=0)
   bad = {k: getattr(cfg, k) for k, v in need.items() if getattr(cfg, k) != v}
   if cfg.attention_out_bias not in (None, True):
     bad["attention_out_bias"] = cfg.attention_out_bias

@@ -45,6 +45,16 @@ class Fused:
 
 
 @dataclasses.dataclass(frozen=True)
+class Stacked:
+  """Several HF tensors that jaxlm stores as one (per-expert MoE weights -> [E, ...])."""
+
+  hf: tuple[str, ...]
+  jax: str
+  stack: Callable[[Sequence[np.ndarray]], np.ndarray]  # HF tensors -> jaxlm tensor
+  unstack: Callable[[np.ndarray], Sequence[np.ndarray]]  # inverse of stack
+
+
+@dataclasses.dataclass(frozen=True)
 class Rename:
   hf: str
   jax: str
@@ -55,7 +65,7 @@ class TensorMap:
   """The full name/layout correspondence of one model; built per config."""
 
   def __init__(self, base_prefix: str = "", ignore: Sequence[str] = ()):
-    self.rules: list[Rename | Fused] = []
+    self.rules: list[Rename | Fused | Stacked] = []
     # HF checkpoints saved from the base model omit this prefix ("h.0..." vs
     # "transformer.h.0..."); transformers accepts both, so do we.
     self.base_prefix = base_prefix
@@ -93,6 +103,10 @@ class TensorMap:
     self.rules.append(Fused(hf, tuple(jax), split, fuse))
     return self
 
+  def stacked(self, hf: Sequence[str], jax: str, stack, unstack) -> TensorMap:
+    self.rules.append(Stacked(tuple(hf), jax, stack, unstack))
+    return self
+
   # ---- import ---------------------------------------------------------------------------
   def _with_prefix(self, tensors: Tensors) -> Tensors:
     p = self.base_prefix
@@ -107,6 +121,10 @@ class TensorMap:
     out: Tensors = {}
     used = set()
     for rule in self.rules:
+      if isinstance(rule, Stacked):
+        out[rule.jax] = _from_stacked(rule, tensors, expected, arch)
+        used.update(rule.hf)
+        continue
       if rule.hf not in tensors:
         raise DataError(f"{SOURCE}: missing tensor {rule.hf!r} (needed by {arch})")
       value = tensors[rule.hf]
@@ -137,6 +155,9 @@ class TensorMap:
       if isinstance(rule, Rename):
         v = params[rule.jax]
         out[rule.hf] = kernel_to_linear(v) if rule.transpose else np.ascontiguousarray(v)
+      elif isinstance(rule, Stacked):
+        out.update(zip(rule.hf, map(np.ascontiguousarray, rule.unstack(params[rule.jax])),
+                       strict=True))
       else:
         out[rule.hf] = np.ascontiguousarray(rule.fuse([params[k] for k in rule.jax]))
     missing = set(params) - {n for r in self.rules for n in _names(r)}
@@ -145,8 +166,26 @@ class TensorMap:
     return out
 
 
-def _names(rule: Rename | Fused) -> tuple[str, ...]:
-  return (rule.jax,) if isinstance(rule, Rename) else rule.jax
+def _names(rule: Rename | Fused | Stacked) -> tuple[str, ...]:
+  return (rule.jax,) if isinstance(rule.jax, str) else rule.jax
+
+
+def _from_stacked(rule: Stacked, tensors: Tensors, expected: dict, arch: str) -> np.ndarray:
+  missing = [k for k in rule.hf if k not in tensors]
+  if missing:
+    raise DataError(f"{SOURCE}: missing tensor {missing[0]!r} (needed by {arch})")
+  parts = [tensors[k] for k in rule.hf]
+  want = expected.get(rule.jax)
+  for k, p in zip(rule.hf, parts):
+    if p.shape != parts[0].shape or want is None or len(want) != p.ndim + 1:
+      raise DataError(f"{SOURCE}: tensor {k!r} has shape {tuple(p.shape)}, which does not "
+                      f"match the config ({arch}: {rule.jax} {want})")
+  value = rule.stack(parts)
+  if tuple(value.shape) != want:
+    raise DataError(f"{SOURCE}: tensor {rule.hf[0]!r} has shape {tuple(parts[0].shape)}, which "
+                    f"does not match the config ({arch}: {rule.jax} {want}, "
+                    f"{len(rule.hf)} stacked)")
+  return value
 
 
 @functools.lru_cache(maxsize=8)
@@ -275,8 +314,12 @@ def special_tokens_from_hf(hf: dict) -> dict:
               eos_token_id=hf.get("eos_token_id"))
 
 
-def common_to_hf(cfg: ModelConfig, arch: str, model_type: str) -> dict:
-  """The keys every family's config.json carries."""
+def common_to_hf(cfg: ModelConfig, arch: str, model_type: str, *, moe: bool = False) -> dict:
+  """The keys every family's config.json carries. A model with MoE layers is refused
+  unless the family has them (`moe`), so save_pretrained falls back to a jaxlm export."""
+  if cfg.num_local_experts and not moe:
+    raise ConfigError(f"model.num_local_experts={cfg.num_local_experts} cannot be saved as "
+                      f"{arch} (the Hugging Face class has no mixture of experts)")
   return {
       "architectures": [arch],
       "model_type": model_type,

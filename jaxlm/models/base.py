@@ -4,7 +4,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
+from jaxlm.errors import DataError
 from jaxlm.layers.mlp import MLP
+from jaxlm.layers.moe import MoE, pop_router_stats, router_losses
 from jaxlm.layers.position import RoPE
 
 
@@ -24,6 +26,12 @@ def rope_spec(cfg: ModelConfig) -> RoPE | None:
 def feed_forward(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
   """The block's feed-forward layer: the dense MLP the config describes, or a sparse
   mixture of such MLPs when `num_local_experts` > 0. Every family builds it here."""
+  if cfg.num_local_experts > 0:
+    return MoE(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts,
+               cfg.num_experts_per_tok, activation=cfg.hidden_act,
+               gated=cfg.mlp_type == "gated", use_bias=cfg.mlp_bias,
+               capacity_factor=cfg.moe_capacity_factor, init_std=cfg.initializer_range,
+               rngs=rngs, **dtypes(cfg))
   return MLP(cfg.hidden_size, cfg.intermediate_size, activation=cfg.hidden_act,
              gated=cfg.mlp_type == "gated", use_bias=cfg.mlp_bias,
              init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg))
@@ -31,9 +39,40 @@ def feed_forward(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
 
 def router_outputs(model: nnx.Module, attention_mask_BT=None) -> dict:
   """ModelOutput fields of the MoE layers inside `model` (aux_loss, router_z_loss,
-  expert_fraction) after a forward pass; {} for a dense model."""
-  del model, attention_mask_BT
-  return {}
+  expert_fraction [L, E]; see jaxlm.layers.moe.router_losses) after a forward pass; {} for
+  a dense model. Call it once per forward: it removes the statistics the layers kept.
+
+  `attention_mask_BT` (1 = real token) keeps padding out of the statistics. It is one
+  [B, T] mask for every layer, or a dict from a path prefix ("encoder", "decoder.layers")
+  to the mask of the layers below it (encoder-decoder models, whose stacks see different
+  lengths); a layer no prefix covers counts every token.
+  """
+  cfg = getattr(model, "config", None)
+  if cfg is not None and not cfg.num_local_experts:
+    return {}
+  moes = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, MoE)]
+  popped = [(path, pop_router_stats(m)) for path, m in moes]  # all, even if a check fails
+  layers = []
+  for path, stats in popped:
+    if stats is None:
+      continue
+    logits_NE, idx_NK = stats
+    mask = _mask_for(path, attention_mask_BT)
+    if mask is not None and mask.size != logits_NE.shape[0]:
+      raise DataError(f"attention_mask has {mask.size} entries but the MoE layer at "
+                      f"{'.'.join(map(str, path))} routed {logits_NE.shape[0]} tokens")
+    layers.append((logits_NE, idx_NK, None if mask is None else mask.reshape(-1)))
+  if not layers:
+    return {}
+  return router_losses(layers, moes[0][1].num_experts, moes[0][1].top_k)
+
+
+def _mask_for(path, masks):
+  if not isinstance(masks, dict):
+    return masks
+  name = ".".join(map(str, path))
+  hits = [p for p in masks if name == p or name.startswith(p + ".")]
+  return masks[max(hits, key=len)] if hits else None
 
 
 class PreTrainedModel(nnx.Module):

@@ -166,6 +166,8 @@ class DecoderForCausalLM(PreTrainedModel):
                        position_ids=position_ids, rngs=rngs)
     logits_BTV = (self.model.embed.attend(h_BTD) if self.lm_head is None
                   else self.lm_head(h_BTD))
+    if attention_mask is None and segment_ids is not None:
+      attention_mask = segment_ids > 0  # packed rows: keep padding out of router statistics
     return ModelOutput(logits=logits_BTV.astype(jnp.float32), last_hidden_state=h_BTD,
                        **router_outputs(self, attention_mask))
 
@@ -174,5 +176,6 @@ class DecoderForCausalLM(PreTrainedModel):
 ARCHITECTURES = {
     name: DecoderForCausalLM
     for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
-                 "BloomForCausalLM", "MptForCausalLM", "GPTNeoXForCausalLM")
+                 "BloomForCausalLM", "MptForCausalLM", "GPTNeoXForCausalLM",
+                 "MixtralForCausalLM")
 }

@@ -166,7 +166,9 @@ class T5ForConditionalGeneration(PreTrainedModel):
     enc_BSD = self.encode(input_ids_BS, attention_mask, rngs=rngs)
     out = self.decode(decoder_input_ids, enc_BSD, attention_mask, decoder_attention_mask,
                       rngs=rngs)
-    return out.replace(encoder_last_hidden_state=enc_BSD, **router_outputs(self, attention_mask))
+    # The two stacks route different tokens: each side's statistics skip its own padding.
+    masks = {"encoder": attention_mask, "decoder": decoder_attention_mask}
+    return out.replace(encoder_last_hidden_state=enc_BSD, **router_outputs(self, masks))
 
 
 ARCHITECTURES = {"T5ForConditionalGeneration": T5ForConditionalGeneration}
