@@ -34,6 +34,7 @@ _CHOICES = {
     "mlp_type": ("plain", "gated"),
     "position_embedding_type": ("absolute", "rope", "alibi", "relative", "none"),
     "attention_backend": ("xla",),
+    "remat": ("none", "full", "dots"),
 }
 
 
@@ -101,6 +102,9 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_backend: str = "xla"
+  # Rematerialization of each block in the backward pass: "none", "full" (keep only the
+  # block inputs) or "dots" (keep the matmul outputs, recompute the rest).
+  remat: str = "none"
 
   def __post_init__(self):
     self.validate()

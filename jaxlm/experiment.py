@@ -16,11 +16,12 @@ import ml_collections
 from jaxlm.config import ModelConfig
 from jaxlm.data.objectives import BERT_OBJECTIVES, OBJECTIVES, SPAN, span_counts
 from jaxlm.errors import ConfigError
+from jaxlm.parallel.rules import DEFAULT_RULES
 
 # model.* keys that are training choices, not architecture: under model.init_from the
 # config file may set them; every other model key comes from the pretrained checkpoint.
 RUNTIME_MODEL_KEYS = ("dtype", "attention_backend", "hidden_dropout_prob",
-                      "attention_probs_dropout_prob")
+                      "attention_probs_dropout_prob", "remat")
 # The model classes each objective trains (their heads and call signatures differ).
 _BERT_PRETRAINING = ("BertForPreTraining",)
 _SEQ2SEQ = ("T5ForConditionalGeneration",)
@@ -81,6 +82,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 200
   c.train.log_every = 20
   c.train.early_stopping_patience = 0  # evals without val-loss improvement; 0 = off
+  # "fp32", or "bf16": f32 master params and optimizer state, bf16 matmul inputs with f32
+  # accumulation, softmax and loss in f32. "" leaves model.dtype as the config sets it.
+  c.train.precision = ""
+  c.train.grad_accum_steps = 1  # microbatches per step (train.batch_size is the total)
+
+  # The device mesh: sizes of the data, fsdp, tensor and expert axes (product = device
+  # count; one may be -1, "the rest"), and the logical-axis -> mesh-axis rules.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.expert = 1
+  c.mesh.rules = tuple((name, axes) for name, axes in DEFAULT_RULES)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
@@ -110,7 +124,14 @@ def _check_keys(cfg, schema, prefix: str = "") -> None:
 def model_config(cfg) -> ModelConfig:
   d = cfg.model.to_dict()
   d.pop("init_from", None)
-  return ModelConfig.from_dict(d)
+  return with_precision(cfg, ModelConfig.from_dict(d))
+
+
+def with_precision(cfg, model: ModelConfig) -> ModelConfig:
+  """train.precision, when set, decides the compute dtype; parameters (and so the
+  optimizer state) stay float32."""
+  dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(cfg.train.precision)
+  return model if dtype is None else model.replace(dtype=dtype, param_dtype="float32")
 
 
 def _decoder_architectures() -> frozenset[str]:
@@ -192,7 +213,7 @@ def pretrained_model_config(cfg, pretrained: ModelConfig) -> ModelConfig:
           f"model.{key}: the config sets {value!r}, but model.init_from="
           f"{cfg.model.init_from} has {theirs.get(key)!r}; the architecture comes from "
           "the checkpoint, so drop the key (or match it)")
-  out = pretrained.replace(**overrides)
+  out = with_precision(cfg, pretrained.replace(**overrides))
   check_objective(cfg.train.objective, out, f"model.init_from={cfg.model.init_from}")
   check_seq_len(cfg, out, f"model.init_from={cfg.model.init_from}")
   return out
@@ -235,6 +256,12 @@ def validate(cfg) -> ModelConfig:
       raise ConfigError(f"train.{key} must be positive, got {t[key]}")
   if cfg.checkpoint.every <= 0 or cfg.checkpoint.max_to_keep <= 0:
     raise ConfigError("checkpoint.every and checkpoint.max_to_keep must be positive")
+  if t.precision not in ("", "fp32", "bf16"):
+    raise ConfigError(f"train.precision must be 'fp32' or 'bf16' (or '' for model.dtype), "
+                      f"got {t.precision!r}")
+  if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f"train.grad_accum_steps ({t.grad_accum_steps}) must be >= 1 and divide "
+                      f"train.batch_size ({t.batch_size})")
   if t.warmup_steps < 0:
     raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
   if t.optimizer not in ("adamw", "sgd"):
@@ -246,6 +273,7 @@ def validate(cfg) -> ModelConfig:
                       f"got {cfg.tokenizer.kind!r}")
   if len(tuple(d.split)) != 3:
     raise ConfigError("data.split must be three fractions (train, validation, test)")
+  check_mesh(cfg)
   e = cfg.eval
   if e.samples < 0 or e.sample_prompt_tokens < 1 or e.sample_new_tokens < 1:
     raise ConfigError("eval.samples must be >= 0, eval.sample_prompt_tokens and "
@@ -254,6 +282,32 @@ def validate(cfg) -> ModelConfig:
     raise ConfigError(f"eval.sample_prompt_tokens ({e.sample_prompt_tokens}) must be below "
                       f"data.max_seq_len ({d.max_seq_len})")
   return model
+
+
+def check_mesh(cfg, num_devices: int | None = None) -> None:
+  """The mesh must fit the devices, the rules must name its axes, and every batch must
+  split evenly over its data-parallel axes (and the microbatches of accumulation)."""
+  import jax  # noqa: PLC0415 - the device count, only when validating
+  from jaxlm.parallel.mesh import MESH_AXES, mesh_shape  # noqa: PLC0415
+  shape = mesh_shape(cfg.mesh, jax.device_count() if num_devices is None else num_devices)
+  for rule in cfg.mesh.rules:
+    if len(rule) != 2:
+      raise ConfigError(f"mesh.rules: each rule is (logical axis, mesh axes), got {rule!r}")
+    axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    unknown = [a for a in axes if a is not None and a not in MESH_AXES]
+    if unknown:
+      raise ConfigError(f"mesh.rules: {rule[0]!r} maps to unknown mesh axis {unknown[0]!r}; "
+                        f"the axes are {MESH_AXES}")
+  dp = shape["data"] * shape["fsdp"] * shape["expert"]
+  spelled = f"data={shape['data']} x fsdp={shape['fsdp']} x expert={shape['expert']}"
+  t = cfg.train
+  if t.batch_size % (dp * t.grad_accum_steps):
+    raise ConfigError(f"train.batch_size ({t.batch_size}) must divide into "
+                      f"train.grad_accum_steps ({t.grad_accum_steps}) microbatches over the "
+                      f"{dp} data-parallel devices ({spelled})")
+  if cfg.eval.batch_size % dp:
+    raise ConfigError(f"eval.batch_size ({cfg.eval.batch_size}) must divide over the {dp} "
+                      f"data-parallel devices ({spelled})")
 
 
 def with_overrides(cfg, **sections) -> ml_collections.ConfigDict:

@@ -2,6 +2,10 @@
 
 Thin on purpose: all logic lives in importable modules. User errors (bad config,
 missing or unreadable data) print one line and exit with status 2.
+
+Multi-host: every host runs the same command. On a TPU pod slice, under Slurm or Open
+MPI, JAX finds the other processes itself; elsewhere give --coordinator_address,
+--num_processes and --process_id on each host (see README, "Scaling out").
 """
 
 import ctypes
@@ -16,6 +20,14 @@ from jaxlm.errors import JaxlmError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints, metrics.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-host: HOST:PORT of process 0, the same on every "
+    "process (default: what JAX detects on a TPU pod, Slurm or Open MPI).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: how many "
+                                      "processes join the job.", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's id, "
+                                   "0 .. --num_processes - 1 (0 is the primary).",
+                                   lower_bound=0)
 
 
 def _tune_malloc() -> None:
@@ -36,7 +48,9 @@ def _fail(msg: str):
 
 def _one_line(e: BaseException) -> str:
   msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-  msg = msg.strip().strip("'\"").replace("\\n", " ").replace("\n", " ")
+  msg = msg.strip().replace("\\n", " ").replace("\n", " ")
+  if len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":  # a quoted KeyError message
+    msg = msg[1:-1]
   return msg
 
 
@@ -64,7 +78,13 @@ def main(argv):
     _fail(f"--config: {_one_line(e)}")
   if os.environ.get("JAXLM_MALLOC_TUNING", "1") == "1":
     _tune_malloc()
-  from jaxlm.train import loop  # heavy imports after the cheap checks
+  from jaxlm.parallel import distributed  # heavy imports after the cheap checks
+  try:
+    # Before anything touches JAX devices: joining a job changes what they are.
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except JaxlmError as e:
+    _fail(_one_line(e))
+  from jaxlm.train import loop
   try:
     if _MODE.value == "eval":
       loop.evaluate(cfg, _WORKDIR.value)

@@ -217,12 +217,20 @@ def _apply(ds: grain.MapDataset, fn, is_random: bool) -> grain.MapDataset:
 
 
 def train_iterator(corpus: Corpus, data_cfg, *, objective: str, batch_size: int,
-                   seed: int) -> grain.DatasetIterator:
+                   seed: int, process_index: int = 0,
+                   process_count: int = 1) -> grain.DatasetIterator:
   """Endless shuffled batches of the train split; reshuffled (and BERT remasked) each
-  epoch."""
+  epoch.
+
+  Multi-host: process p of P yields rows [p*B/P, (p+1)*B/P) of every global batch of
+  `batch_size` B, and builds only those examples; the global batches are the same as a
+  single process's.
+  """
   source, builder, is_random = _dataset(corpus, "train", data_cfg, objective, seed)
   ds = _apply(source.seed(seed).shuffle().repeat(None), builder, is_random)
-  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.batch(batch_size // process_count, drop_remainder=True)
+  if process_count > 1:
+    ds = ds[process_index::process_count]
   opts = grain.ReadOptions(num_threads=data_cfg.num_threads,
                            prefetch_buffer_size=data_cfg.prefetch)
   return iter(ds.to_iter_dataset(opts))

@@ -14,6 +14,7 @@ from flax import nnx
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.linear import Dense
 from jaxlm.layers.position import RoPE, apply_rope
+from jaxlm.parallel.rules import constrain
 
 
 # ---- masks ---------------------------------------------------------------------------
@@ -80,11 +81,12 @@ class Attention(nnx.Module):
     self.num_kv_heads = num_kv_heads or num_heads
     self.head_dim = head_dim or hidden_size // num_heads
     kw = dict(init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q = Dense(hidden_size, num_heads * self.head_dim, use_bias=use_bias, **kw)
-    self.k = Dense(hidden_size, self.num_kv_heads * self.head_dim, use_bias=use_bias, **kw)
-    self.v = Dense(hidden_size, self.num_kv_heads * self.head_dim, use_bias=use_bias, **kw)
-    self.o = Dense(num_heads * self.head_dim, hidden_size,
-                   use_bias=use_bias if out_bias is None else out_bias, **kw)
+    q_dim, kv_dim = num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    self.q = Dense(hidden_size, q_dim, use_bias=use_bias, axes=("embed", "heads"), **kw)
+    self.k = Dense(hidden_size, kv_dim, use_bias=use_bias, axes=("embed", "kv_heads"), **kw)
+    self.v = Dense(hidden_size, kv_dim, use_bias=use_bias, axes=("embed", "kv_heads"), **kw)
+    self.o = Dense(q_dim, hidden_size, use_bias=use_bias if out_bias is None else out_bias,
+                   axes=("heads", "embed"), **kw)
     self.dropout_rate = dropout_rate
     self.backend = backend
     self.rope = rope  # static spec: lets callers pass position_ids instead of cos/sin
@@ -105,9 +107,11 @@ class Attention(nnx.Module):
     kv_BSD = x_BTD if kv_BSD is None else kv_BSD
     B, T, _ = x_BTD.shape
     S = kv_BSD.shape[1]
-    q_BTNH = self.q(x_BTD).reshape(B, T, self.num_heads, self.head_dim)
-    k_BSKH = self.k(kv_BSD).reshape(B, S, self.num_kv_heads, self.head_dim)
-    v_BSKH = self.v(kv_BSD).reshape(B, S, self.num_kv_heads, self.head_dim)
+    heads = ("batch", "length", "heads", "head_dim")
+    kv_heads = ("batch", "length", "kv_heads", "head_dim")
+    q_BTNH = constrain(self.q(x_BTD).reshape(B, T, self.num_heads, self.head_dim), heads)
+    k_BSKH = constrain(self.k(kv_BSD).reshape(B, S, self.num_kv_heads, self.head_dim), kv_heads)
+    v_BSKH = constrain(self.v(kv_BSD).reshape(B, S, self.num_kv_heads, self.head_dim), kv_heads)
     if rope is None and position_ids is not None:
       if self.rope is None:
         raise ValueError("Attention: position_ids given but no rope spec at construction")

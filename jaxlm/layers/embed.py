@@ -9,9 +9,10 @@ from jaxlm.layers.linear import matmul, normal_init
 class Embed(nnx.Module):
 
   def __init__(self, num_embeddings: int, features: int, *, init_std: float = 0.02,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               axes: tuple = ("vocab", "embed"), dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.embedding = nnx.Param(normal_init(init_std)(rngs.params(), (num_embeddings, features),
-                                                     param_dtype))
+                                                     param_dtype), axes=tuple(axes))
     self.dtype = dtype
 
   def __call__(self, ids):

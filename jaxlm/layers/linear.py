@@ -47,14 +47,19 @@ def matmul(x, w, dtype):
 
 
 class Dense(nnx.Module):
-  """y = x @ kernel + bias, kernel laid out [in, out] (the transpose of torch Linear)."""
+  """y = x @ kernel + bias, kernel laid out [in, out] (the transpose of torch Linear).
+
+  `axes` names the kernel's two dimensions for sharding (jaxlm.parallel.rules), e.g.
+  ("embed", "mlp"); the bias takes the output's name.
+  """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-               init_std: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               init_std: float = 0.02, axes: tuple = (None, None), dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.kernel = nnx.Param(normal_init(init_std)(rngs.params(), (in_features, out_features),
-                                                  param_dtype))
-    self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+                                                  param_dtype), axes=tuple(axes))
+    self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), axes=(axes[1],))
+                 if use_bias else None)
     self.dtype = dtype
 
   def __call__(self, x):

@@ -10,6 +10,7 @@ class LayerNorm(nnx.Module):
   def __init__(self, features: int, *, eps: float = 1e-12, use_bias: bool = True,
                param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
     del rngs  # deterministic init; accepted for a uniform layer signature
+    # Norm parameters are tiny: replicated (no sharding axes).
     self.scale = nnx.Param(jnp.ones((features,), param_dtype))
     self.bias = nnx.Param(jnp.zeros((features,), param_dtype)) if use_bias else None
     self.eps = eps

@@ -194,7 +194,7 @@ class RelativePositionBias(nnx.Module):
                max_distance: int = 128, init_std: float = 0.02, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num_buckets, num_heads),
-                                                 param_dtype) * init_std)
+                                                 param_dtype) * init_std, axes=(None, "heads"))
     self.num_buckets = num_buckets
     self.bidirectional = bidirectional
     self.max_distance = max_distance

@@ -1,5 +1,6 @@
 """What every model shares: the PreTrainedModel base class and config-derived specs."""
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -35,6 +36,23 @@ def feed_forward(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
   return MLP(cfg.hidden_size, cfg.intermediate_size, activation=cfg.hidden_act,
              gated=cfg.mlp_type == "gated", use_bias=cfg.mlp_bias,
              init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg))
+
+
+# model.remat: what a block keeps for the backward pass ("none": everything).
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
+
+
+def run_block(cfg: ModelConfig, block: nnx.Module, x, *args, rngs=None, **kwargs):
+  """block(x, *args, rngs=rngs, **kwargs), rematerialized as `cfg.remat` says: "full"
+  keeps only the block's inputs, "dots" keeps the matmul outputs and recomputes the rest
+  (norms, activations, softmax) in the backward pass."""
+  if cfg.remat == "none":
+    return block(x, *args, rngs=rngs, **kwargs)
+
+  def call(block, x, rngs, args, kwargs):
+    return block(x, *args, rngs=rngs, **kwargs)
+
+  return nnx.remat(call, policy=_REMAT_POLICIES[cfg.remat])(block, x, rngs, args, kwargs)
 
 
 def router_outputs(model: nnx.Module, attention_mask_BT=None) -> dict:

@@ -27,8 +27,11 @@ from jaxlm.layers.linear import Dense
 from jaxlm.layers.norm import LayerNorm, RMSNorm
 from jaxlm.layers.position import alibi_bias
 from jaxlm.models.base import (PreTrainedModel, dtypes, feed_forward, rope_spec,
-                               router_outputs)
+                               router_outputs, run_block)
 from jaxlm.models.outputs import ModelOutput
+from jaxlm.parallel.rules import constrain
+
+ACTIVATIONS = ("batch", "length", "embed")  # logical axes of the residual stream
 
 
 def make_norm(cfg: ModelConfig) -> nnx.Module:
@@ -126,14 +129,15 @@ class Decoder(nnx.Module):
       x_BTD = x_BTD + self.position(position_ids)
     if self.embed_norm is not None:
       x_BTD = self.embed_norm(x_BTD)
-    x_BTD = dropout(x_BTD, cfg.hidden_dropout_prob, rngs)
+    x_BTD = constrain(dropout(x_BTD, cfg.hidden_dropout_prob, rngs), ACTIVATIONS)
 
     # Position tables are computed once per forward and shared by every layer.
     rope = self.rope(position_ids) if self.rope is not None else None
     bias = (alibi_bias(position_ids, cfg.num_attention_heads)
             if cfg.position_embedding_type == "alibi" else None)
     for layer in self.layers:
-      x_BTD = layer(x_BTD, mask, rope=rope, bias=bias, rngs=rngs)
+      x_BTD = constrain(run_block(cfg, layer, x_BTD, mask, rope=rope, bias=bias, rngs=rngs),
+                        ACTIVATIONS)
     return self.norm(x_BTD) if self.norm is not None else x_BTD
 
 
@@ -168,6 +172,7 @@ class DecoderForCausalLM(PreTrainedModel):
                   else self.lm_head(h_BTD))
     if attention_mask is None and segment_ids is not None:
       attention_mask = segment_ids > 0  # packed rows: keep padding out of router statistics
+    logits_BTV = constrain(logits_BTV, ("batch", "length", "vocab"))
     return ModelOutput(logits=logits_BTV.astype(jnp.float32), last_hidden_state=h_BTD,
                        **router_outputs(self, attention_mask))
 

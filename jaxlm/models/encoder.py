@@ -16,9 +16,11 @@ from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
 from jaxlm.layers.norm import LayerNorm
 from jaxlm.models.base import (PreTrainedModel, dtypes, feed_forward, rope_spec,
-                               router_outputs)
+                               router_outputs, run_block)
 from jaxlm.models.heads import MLMHead, NSPHead
+from jaxlm.models.decoder import ACTIVATIONS
 from jaxlm.models.outputs import ModelOutput
+from jaxlm.parallel.rules import constrain
 
 
 def position_ids_from_mask(input_ids_BT, pad_id: int):
@@ -122,7 +124,8 @@ class BertModel(PreTrainedModel):
         position_ids = jnp.broadcast_to(jnp.arange(input_ids_BT.shape[1]), input_ids_BT.shape)
       rope = self.rope(position_ids)
     for layer in self.layers:
-      x_BTD = layer(x_BTD, mask, rope=rope, rngs=rngs)
+      x_BTD = constrain(run_block(self.config, layer, x_BTD, mask, rope=rope, rngs=rngs),
+                        ACTIVATIONS)
     pooled_BD = jnp.tanh(self.pooler(x_BTD[:, 0])) if self.pooler is not None else None
     return ModelOutput(last_hidden_state=x_BTD, pooler_output=pooled_BD,
                        **router_outputs(self, attention_mask))

@@ -26,8 +26,11 @@ from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
 from jaxlm.layers.norm import RMSNorm
 from jaxlm.layers.position import RelativePositionBias
-from jaxlm.models.base import PreTrainedModel, dtypes, feed_forward, router_outputs
+from jaxlm.models.base import (PreTrainedModel, dtypes, feed_forward, router_outputs,
+                               run_block)
+from jaxlm.models.decoder import ACTIVATIONS
 from jaxlm.models.outputs import ModelOutput
+from jaxlm.parallel.rules import constrain
 
 # Block-layout fields that T5 fixes; any other value would be silently ignored, so it is
 # refused. (mlp_type, hidden_act, mlp_bias and num_key_value_heads are honoured.)
@@ -87,6 +90,7 @@ class T5Stack(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, decoder: bool, rngs: nnx.Rngs):
     depth = cfg.decoder_layers if decoder else cfg.num_hidden_layers
+    self.config = cfg
     # One bias table per stack, shared by all its layers (HF keeps it in block 0).
     self.position = RelativePositionBias(
         cfg.relative_attention_num_buckets, cfg.num_attention_heads, bidirectional=not decoder,
@@ -102,7 +106,8 @@ class T5Stack(nnx.Module):
     bias_1NTT = self.position(positions_T, positions_T)  # computed once, used by every layer
     x_BTD = dropout(x_BTD, self.dropout_rate, rngs)
     for layer in self.layers:
-      x_BTD = layer(x_BTD, mask, bias_1NTT, enc_BSD=enc_BSD, enc_mask=enc_mask, rngs=rngs)
+      x_BTD = constrain(run_block(self.config, layer, x_BTD, mask, bias_1NTT, enc_BSD=enc_BSD,
+                                  enc_mask=enc_mask, rngs=rngs), ACTIVATIONS)
     return dropout(self.norm(x_BTD), self.dropout_rate, rngs)
 
 

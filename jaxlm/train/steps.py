@@ -98,21 +98,63 @@ def loss_from_stats(s):
   return mlm + nsp + moe
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, seed: int, dropout: bool,
-                    objective: str = "mlm+nsp"):
-  """(params, opt_state, batch, step) -> (params, opt_state, metrics); the dropout key
-  is fold_in(seed, step), so a resumed run draws the same masks."""
-  stats_of = stats_fn(objective)
+# Denominators of each objective's loss terms, from the batch alone: with gradient
+# accumulation every microbatch divides by the full batch's counts, so the summed
+# microbatch gradients equal the full batch's gradient.
+def _counts(objective: str, batch) -> dict:
+  ex_w_B = _example_weights(batch)
+  if objective in ("causal", SPAN):
+    return {"lm_count": (batch["loss_weights"] * ex_w_B[:, None]).sum()}
+  return {"mlm_count": (batch["masked_weights"] * ex_w_B[:, None]).sum(),
+          "nsp_count": (batch["nsp_weight"] * ex_w_B).sum()}
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(params, opt_state, batch, step):
+
+# Per-microbatch means rather than sums: averaged over the microbatches.
+_MEAN_STATS = ("moe_loss", "router_aux_loss", "router_z_loss", "expert_fraction")
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, seed: int, dropout: bool,
+                    objective: str = "mlm+nsp", grad_accum_steps: int = 1,
+                    out_shardings=None):
+  """(params, opt_state, batch, step) -> (params, opt_state, metrics).
+
+  The dropout key is fold_in(seed, step) (and the microbatch index under accumulation),
+  so a resumed run draws the same masks. With `grad_accum_steps` = A the batch is split
+  into A microbatches whose gradients a scan sums; for dense models this is the full
+  batch's gradient up to float summation order. `out_shardings` pins the new params and
+  optimizer state to their layout on a mesh.
+  """
+  stats_of = stats_fn(objective)
+  A = grad_accum_steps
+
+  def grads_of(params, batch, key, counts):
     def loss_fn(p):
       model = nnx.merge(graphdef, p)
-      rngs = nnx.Rngs(dropout=jax.random.fold_in(jax.random.key(seed), step)) if dropout else None
-      stats = stats_of(model, batch, rngs)
-      return loss_from_stats(stats), stats
+      stats = stats_of(model, batch, nnx.Rngs(dropout=key) if dropout else None)
+      scaled = {**stats, **counts, "moe_loss": stats.get("moe_loss", 0.0) / A}
+      return loss_from_stats(scaled), stats
 
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=out_shardings)
+  def train_step(params, opt_state, batch, step):
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    if A == 1:
+      (loss, stats), grads = grads_of(params, batch, key, {})
+    else:
+      counts = _counts(objective, batch)
+      micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)
+
+      def body(carry, i):
+        mb = jax.tree.map(lambda x: x[i], micro)
+        (loss_i, stats_i), grads_i = grads_of(params, mb, jax.random.fold_in(key, i), counts)
+        return jax.tree.map(jnp.add, carry, (loss_i, stats_i, grads_i)), None
+
+      (loss0, stats0), grads0 = jax.eval_shape(
+          grads_of, params, jax.tree.map(lambda x: x[0], micro), key, counts)
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (loss0, stats0, grads0))
+      (loss, stats, grads), _ = jax.lax.scan(body, zeros, jnp.arange(A))
+      stats = {k: v / A if k in _MEAN_STATS else v for k, v in stats.items()}
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **stats}

@@ -1,0 +1,1 @@
+"""Scaling out: the device mesh, logical-axis sharding rules and multi-host setup."""
