@@ -33,7 +33,7 @@ _CHOICES = {
     "norm_position": ("post", "pre"),
     "mlp_type": ("plain", "gated"),
     "position_embedding_type": ("absolute", "rope", "alibi", "relative", "none"),
-    "attention_backend": ("xla",),
+    "attention_impl": ("xla", "pallas", "cudnn", "auto"),
     "remat": ("none", "full", "dots"),
 }
 
@@ -101,7 +101,8 @@ class ModelConfig:
   # Compute dtype of matmuls; parameters stay in param_dtype (mixed precision).
   dtype: str = "float32"
   param_dtype: str = "float32"
-  attention_backend: str = "xla"
+  # Attention backend: "xla" (reference), "pallas" (jaxlm's flash kernel), "cudnn", "auto".
+  attention_impl: str = "xla"
   # Rematerialization of each block in the backward pass: "none", "full" (keep only the
   # block inputs) or "dots" (keep the matmul outputs, recompute the rest).
   remat: str = "none"
@@ -199,6 +200,9 @@ class ModelConfig:
     """
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
+    d = dict(d)
+    if "attention_backend" in d:  # its name in jaxlm exports before attention_impl
+      d.setdefault("attention_impl", d.pop("attention_backend"))
     for key, value in d.items():
       if key in names:
         kwargs[key] = value

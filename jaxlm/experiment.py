@@ -20,7 +20,7 @@ from jaxlm.parallel.rules import DEFAULT_RULES
 
 # model.* keys that are training choices, not architecture: under model.init_from the
 # config file may set them; every other model key comes from the pretrained checkpoint.
-RUNTIME_MODEL_KEYS = ("dtype", "attention_backend", "hidden_dropout_prob",
+RUNTIME_MODEL_KEYS = ("dtype", "attention_impl", "hidden_dropout_prob",
                       "attention_probs_dropout_prob", "remat")
 # The model classes each objective trains (their heads and call signatures differ).
 _BERT_PRETRAINING = ("BertForPreTraining",)

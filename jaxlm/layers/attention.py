@@ -1,19 +1,28 @@
-"""Multi-head attention (MHA / MQA / GQA) and the masks it consumes.
+"""Multi-head attention (MHA / MQA / GQA), the masks it consumes, and the backend switch.
 
 K/V heads are never repeated: queries are grouped as [B, T, K, G, H] so each of the
-K key/value heads serves G = num_heads // K query heads. Masks are boolean arrays
-broadcastable to [B, 1, T, S] (True = attend), built and combined with `&`. Position
-information enters either by rotating q and k (RoPE) or as an additive logits bias
-(ALiBi, relative-position buckets), which is added before masking.
+K key/value heads serves G = num_heads // K query heads. A mask is either a `MaskSpec`
+(causal / window / segment ids: what every backend understands, and what a flash kernel
+needs to skip blocks) or a boolean array broadcastable to [B, 1, T, S] (True = attend).
+Position information enters either by rotating q and k (RoPE) or as an additive logits
+bias (ALiBi, relative-position buckets), which is added before masking.
+
+`impl` (model.attention_impl) picks the backend: "xla" (the einsum/softmax reference
+below), "pallas" (jaxlm.kernels.flash_attention), "cudnn"
+(jax.nn.dot_product_attention(implementation="cudnn")) or "auto" (the best available).
 """
 
+from __future__ import annotations
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.linear import Dense
-from jaxlm.layers.position import RoPE, apply_rope
+from jaxlm.errors import ConfigError
+from jaxlm.layers.position import RoPE, alibi_slopes, apply_rope
 from jaxlm.parallel.rules import constrain
 
 
@@ -36,6 +45,60 @@ def causal_mask(q_len: int, kv_len: int, *, window: int | None = None):
 def segment_mask(q_segment_ids_BT, kv_segment_ids_BS):
   """Packed sequences: attend only within the same segment (document)."""
   return (q_segment_ids_BT[:, None, :, None] == kv_segment_ids_BS[:, None, None, :])
+
+
+@flax.struct.dataclass
+class MaskSpec:
+  """Who attends whom, structurally: query i sees key j iff (causal: 0 <= i' - j, with
+  i' = i + S - T, and < window) and q_segment_ids[i] == kv_segment_ids[j] != 0.
+
+  Padding is segment 0 on the key side; `None` segment ids mean "all one segment".
+  """
+
+  q_segment_ids: jax.Array | None = None  # [B, T]
+  kv_segment_ids: jax.Array | None = None  # [B, S]
+  causal: bool = flax.struct.field(pytree_node=False, default=False)
+  window: int | None = flax.struct.field(pytree_node=False, default=None)
+
+  @classmethod
+  def build(cls, T: int, *, causal=False, window=None, attention_mask=None, segment_ids=None,
+            kv_mask=None):
+    """From the usual inputs: `attention_mask` [B, T] marks real tokens (self-attention),
+    `segment_ids` [B, T] packed documents (0 = padding), `kv_mask` [B, S] the real keys
+    of a cross-attention."""
+    q, kv = segment_ids, segment_ids
+    real = attention_mask if kv_mask is None else kv_mask
+    if real is not None:
+      kv = real.astype(jnp.int32) * (1 if kv is None else kv)
+      q = jnp.ones((real.shape[0], T), jnp.int32) if q is None else q
+    return cls(q, kv, causal=causal, window=window)
+
+  def dense(self, T: int, S: int):
+    """The boolean mask [B|1, 1, T, S] (None when nothing is masked)."""
+    mask = causal_mask(T, S, window=self.window) if self.causal else None
+    if self.kv_segment_ids is not None:
+      seg = segment_mask(self.q_segment_ids, self.kv_segment_ids) & padding_mask(
+          self.kv_segment_ids > 0)
+      mask = seg if mask is None else mask & seg
+    return mask
+
+
+def resolve_impl(impl: str, *, dense_bias: bool = False) -> str:
+  """The backend to run: "auto" picks cuDNN on NVIDIA GPUs, our Pallas kernel on TPU and
+  the XLA reference elsewhere (Pallas on CPU runs in the slow interpret mode); an explicit
+  choice the platform or model cannot run is a one-line ConfigError."""
+  platform = jax.default_backend()
+  if impl == "auto":
+    if platform == "gpu":
+      return "cudnn"
+    return "pallas" if platform == "tpu" and not dense_bias else "xla"
+  if impl == "cudnn" and platform != "gpu":
+    raise ConfigError(f"model.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on "
+                      f"{platform}; use 'xla', 'pallas' or 'auto'")
+  if impl == "pallas" and dense_bias:
+    raise ConfigError("model.attention_impl='pallas' does not support a learned dense "
+                      "attention bias (T5 relative positions); use 'xla' or 'auto'")
+  return impl
 
 
 # ---- attention -------------------------------------------------------------------------
@@ -74,9 +137,10 @@ class Attention(nnx.Module):
 
   def __init__(self, hidden_size: int, num_heads: int, *, num_kv_heads: int | None = None,
                head_dim: int | None = None, use_bias: bool = True, out_bias: bool | None = None,
-               dropout_rate: float = 0.0, init_std: float = 0.02, backend: str = "xla",
-               rope: RoPE | None = None, scale: float | None = None, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dropout_rate: float = 0.0, init_std: float = 0.02, impl: str = "xla",
+               rope: RoPE | None = None, alibi: bool = False, dense_bias: bool = False,
+               scale: float | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads or num_heads
     self.head_dim = head_dim or hidden_size // num_heads
@@ -88,7 +152,9 @@ class Attention(nnx.Module):
     self.o = Dense(q_dim, hidden_size, use_bias=use_bias if out_bias is None else out_bias,
                    axes=("heads", "embed"), **kw)
     self.dropout_rate = dropout_rate
-    self.backend = backend
+    # alibi: the `bias` callers pass is ALiBi, which the kernels compute from slopes.
+    self.impl = resolve_impl(impl, dense_bias=dense_bias)
+    self.alibi = alibi
     self.rope = rope  # static spec: lets callers pass position_ids instead of cos/sin
     self.scale = scale
     self.dtype = dtype
@@ -98,7 +164,7 @@ class Attention(nnx.Module):
     """Attends from x to kv (default: x itself).
 
     Args:
-      mask: bool, broadcastable to [B, 1, T, S]; True = attend.
+      mask: a MaskSpec, or bool broadcastable to [B, 1, T, S] (True = attend; xla only).
       rope: (cos, sin), each [B, T, R], rotating the first R dims of q and k. Self-attention
         only: keys share the queries' positions (a KV cache stores keys already rotated).
       position_ids: [B, T]; with a `rope` spec given at construction, builds (cos, sin).
@@ -119,7 +185,37 @@ class Attention(nnx.Module):
     if rope is not None:
       cos_BTR, sin_BTR = rope
       q_BTNH, k_BSKH = apply_rope(q_BTNH, cos_BTR, sin_BTR), apply_rope(k_BSKH, cos_BTR, sin_BTR)
-    out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask, bias=bias,
-                                     dropout_rate=self.dropout_rate, rngs=rngs, dtype=self.dtype,
-                                     scale=self.scale)
+    out_BTNH = self._attend(q_BTNH, k_BSKH, v_BSKH, mask, bias, rngs)
     return self.o(out_BTNH.reshape(B, T, self.num_heads * self.head_dim))
+
+  def _attend(self, q_BTNH, k_BSKH, v_BSKH, mask, bias, rngs):
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+    spec = mask if isinstance(mask, MaskSpec) else None
+    dense = spec.dense(T, S) if spec is not None else mask
+    train_dropout = rngs is not None and self.dropout_rate > 0
+    if self.impl == "xla" or train_dropout:  # attention dropout: the reference path
+      return dot_product_attention(q_BTNH, k_BSKH, v_BSKH, dense, bias=bias,
+                                   dropout_rate=self.dropout_rate, rngs=rngs,
+                                   dtype=self.dtype, scale=self.scale)
+    if self.impl == "cudnn":
+      kw = {} if bias is None else {"bias": bias.astype(jnp.bfloat16)}
+      out = jax.nn.dot_product_attention(
+          q_BTNH.astype(jnp.bfloat16), k_BSKH.astype(jnp.bfloat16),
+          v_BSKH.astype(jnp.bfloat16), mask=dense, scale=self.scale, implementation="cudnn",
+          **kw)
+      return out.astype(jnp.float32)
+    from jaxlm.kernels import flash_attention  # noqa: PLC0415 (Pallas: only when chosen)
+    if spec is None and mask is not None:
+      raise ValueError("Attention(impl='pallas') needs a MaskSpec, not a dense mask")
+    if bias is not None and not self.alibi:
+      raise ConfigError("model.attention_impl='pallas' cannot add a dense attention bias")
+    segments = None
+    if spec is not None and spec.kv_segment_ids is not None:
+      segments = (spec.q_segment_ids, spec.kv_segment_ids)
+    out = flash_attention(
+        q_BTNH.astype(self.dtype), k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype),
+        causal=spec is not None and spec.causal,
+        sliding_window=spec.window if spec is not None else None,
+        segment_ids=segments, sm_scale=self.scale,
+        alibi_slopes=alibi_slopes(self.num_heads) if self.alibi and bias is not None else None)
+    return out.astype(jnp.float32)

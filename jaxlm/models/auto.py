@@ -107,7 +107,8 @@ def from_pretrained(directory: str) -> nnx.Module:
   check_weights(directory)
   raw = read_hf_config(directory)
   arch = (raw.get("architectures") or [None])[0]
-  native = "attention_backend" in raw  # only ModelConfig.to_dict writes this key
+  # Only ModelConfig.to_dict writes these keys (attention_backend: older exports).
+  native = "attention_impl" in raw or "attention_backend" in raw
   if not native and _hf_family(arch) is not None:
     from jaxlm.hf import convert
     return convert.load(directory)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.layers.attention import Attention, causal_mask, padding_mask, segment_mask
+from jaxlm.layers.attention import Attention, MaskSpec
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
@@ -53,15 +53,12 @@ def segment_positions(segment_ids_BT):
   return t_BT - start_BT
 
 
-def decoder_mask(cfg: ModelConfig, T: int, attention_mask_BT=None, segment_ids_BT=None):
-  """Boolean [B|1, 1, T, T]: causal (+ sliding window), real keys only, same segment only."""
-  mask = (causal_mask(T, T, window=cfg.sliding_window) if cfg.causal
-          else jnp.ones((1, 1, T, T), bool))
-  if attention_mask_BT is not None:
-    mask = mask & padding_mask(attention_mask_BT)
-  if segment_ids_BT is not None:
-    mask = mask & segment_mask(segment_ids_BT, segment_ids_BT) & padding_mask(segment_ids_BT > 0)
-  return mask
+def decoder_mask(cfg: ModelConfig, T: int, attention_mask_BT=None,
+                 segment_ids_BT=None) -> MaskSpec:
+  """Causal (+ sliding window), real keys only, same segment only."""
+  return MaskSpec.build(T, causal=cfg.causal,
+                        window=cfg.sliding_window if cfg.causal else None,
+                        attention_mask=attention_mask_BT, segment_ids=segment_ids_BT)
 
 
 class DecoderBlock(nnx.Module):
@@ -74,7 +71,8 @@ class DecoderBlock(nnx.Module):
                           num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
                           use_bias=cfg.attention_bias, out_bias=cfg.attention_out_bias,
                           dropout_rate=cfg.attention_probs_dropout_prob,
-                          init_std=cfg.initializer_range, backend=cfg.attention_backend,
+                          init_std=cfg.initializer_range, impl=cfg.attention_impl,
+                          alibi=cfg.position_embedding_type == "alibi",
                           rope=rope_spec(cfg), rngs=rngs, **dt)
     self.mlp_norm = make_norm(cfg)
     self.mlp = feed_forward(cfg, rngs=rngs)

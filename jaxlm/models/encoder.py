@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.layers.attention import Attention, padding_mask
+from jaxlm.layers.attention import Attention, MaskSpec
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
@@ -86,7 +86,7 @@ class EncoderBlock(nnx.Module):
     self.attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
                           num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
                           dropout_rate=cfg.attention_probs_dropout_prob,
-                          init_std=cfg.initializer_range, backend=cfg.attention_backend,
+                          init_std=cfg.initializer_range, impl=cfg.attention_impl,
                           rngs=rngs, **dt)
     self.attn_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
     self.mlp = feed_forward(cfg, rngs=rngs)
@@ -116,7 +116,7 @@ class BertModel(PreTrainedModel):
                position_ids=None, *, rngs: nnx.Rngs | None = None) -> ModelOutput:
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids_BT)
-    mask = padding_mask(attention_mask)
+    mask = MaskSpec.build(input_ids_BT.shape[1], attention_mask=attention_mask)
     x_BTD = self.embeddings(input_ids_BT, token_type_ids, position_ids, rngs=rngs)
     rope = None
     if self.rope is not None:  # RoFormer-style encoders: positions rotate q and k

@@ -57,7 +57,7 @@ def _attention(cfg: ModelConfig, rngs: nnx.Rngs) -> Attention:
   return Attention(cfg.hidden_size, cfg.num_attention_heads,
                    num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_size,
                    use_bias=False, dropout_rate=cfg.attention_probs_dropout_prob,
-                   init_std=cfg.initializer_range, backend=cfg.attention_backend,
+                   init_std=cfg.initializer_range, impl=cfg.attention_impl, dense_bias=True,
                    scale=1.0, rngs=rngs, **dtypes(cfg))
 
 
