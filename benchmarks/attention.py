@@ -36,6 +36,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from common import write_json  # benchmarks/common.py
 from jaxlm.kernels import flash_attention
 from jaxlm.layers.attention import causal_mask, dot_product_attention
 
@@ -161,11 +162,7 @@ def main(argv=None) -> dict:
   report["seconds"] = round(time.perf_counter() - t0, 1)
   text = json.dumps(report, indent=2)
   print(text)
-  if os.environ.get("OUT"):
-    path = os.path.join(os.environ["OUT"], f"attention_{backend}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+  write_json(text, out_name=f"attention_{backend}.json")
   return report
 
 

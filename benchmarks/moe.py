@@ -35,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from common import write_json  # noqa: E402  (benchmarks/common.py)
 from jaxlm.layers.mlp import MLP  # noqa: E402
 from jaxlm.layers.moe import MoE, route  # noqa: E402
 
@@ -171,15 +172,8 @@ def main(argv=None) -> dict:
   report["seconds"] = round(time.perf_counter() - t0, 1)
   text = json.dumps(report, indent=2, sort_keys=True)
   print(text)
-  paths = []
-  if os.environ.get("OUT"):
-    paths.append(os.path.join(os.environ["OUT"], "moe_cpu.json"))
-  if args.save:
-    paths.append(os.path.join(HERE, "results", "moe_cpu.json"))
-  for path in paths:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+  write_json(text, os.path.join(HERE, "results", "moe_cpu.json") if args.save else None,
+             out_name="moe_cpu.json")
   return report
 
 

@@ -24,6 +24,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import write_json  # noqa: E402  (benchmarks/common.py)
 from configs import bert_tiny, llama_1b  # noqa: E402
 from jaxlm import experiment  # noqa: E402
 from jaxlm.data.objectives import max_predictions  # noqa: E402
@@ -103,10 +104,7 @@ def main() -> None:
                            "bf16_speedup": med["bf16"] / med["fp32"]}
   text = json.dumps(out, indent=2)
   print(text)
-  for path in filter(None, (args.out, os.path.join(os.environ["OUT"], "precision.json")
-                            if os.environ.get("OUT") else None)):
-    with open(path, "w") as f:
-      f.write(text + "\n")
+  write_json(text, args.out, out_name="precision.json")
 
 
 if __name__ == "__main__":

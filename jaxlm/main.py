@@ -10,11 +10,13 @@ MPI, JAX finds the other processes itself; elsewhere give --coordinator_address,
 
 import ctypes
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxlm.cli import fail as _fail
+from jaxlm.cli import one_line as _one_line
+from jaxlm.cli import parse_flags
 from jaxlm.errors import JaxlmError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (.py).")
@@ -39,28 +41,6 @@ def _tune_malloc() -> None:
     return
   for option, value in ((-8, 1), (-4, 0), (-1, 2**31 - 1), (-2, 256 << 20)):
     libc.mallopt(option, value)  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD, M_TOP_PAD
-
-
-def _fail(msg: str):
-  print(f"error: {msg}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _one_line(e: BaseException) -> str:
-  msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-  msg = msg.strip().replace("\\n", " ").replace("\n", " ")
-  if len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":  # a quoted KeyError message
-    msg = msg[1:-1]
-  return msg
-
-
-def parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(_one_line(e))
-  except (KeyError, AttributeError, TypeError, ValueError) as e:  # from config overrides
-    _fail(f"config override: {_one_line(e)}")
 
 
 def main(argv):

@@ -15,11 +15,13 @@ Thin on purpose, like jaxlm.main: bad input prints one `error:` line and exits 2
 
 import json
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxlm.cli import fail as _fail
+from jaxlm.cli import one_line as _one_line
+from jaxlm.cli import parse_flags
 from jaxlm.errors import JaxlmError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (.py).")
@@ -33,28 +35,6 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Sequence length (default: data
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch in sequences (default: "
                               "train.batch_size; 8 with --hf).")
 _JSON = flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
-
-
-def _fail(msg: str):
-  print(f"error: {msg}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _one_line(e: BaseException) -> str:
-  msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-  msg = msg.strip().replace("\\n", " ").replace("\n", " ")
-  if len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":
-    msg = msg[1:-1]
-  return msg
-
-
-def parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(_one_line(e))
-  except (KeyError, AttributeError, TypeError, ValueError) as e:  # from config overrides
-    _fail(f"config override: {_one_line(e)}")
 
 
 def parse_mesh(text: str) -> dict[str, int]:

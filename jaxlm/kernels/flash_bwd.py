@@ -72,21 +72,10 @@ def _dq_kernel(*refs, cfg: FlashConfig, block_axis: int):
 
 
 def flash_dq(q, k, v, q_seg, kv_seg, slopes, do, lse, delta, cfg: FlashConfig):
-  B, Hq, G = q.shape[0], cfg.num_q_heads, cfg.group
+  B, Hq = q.shape[0], cfg.num_q_heads
   bq = cfg.block_q_dq
   grid, ids, axis = fc.grid_bhn(cfg, B, Hq, cfg.tq_pad // bq)
-  kv_head = lambda h: h // G  # noqa: E731
-  in_specs = [fc.seq_spec(cfg, bq, ids),
-              fc.seq_spec(cfg, cfg.tk_pad, lambda *g: (*ids(*g)[:2], 0), kv_head),
-              fc.seq_spec(cfg, cfg.tk_pad, lambda *g: (*ids(*g)[:2], 0), kv_head)]
-  args = [q, k, v]
-  if cfg.has_segments:
-    in_specs += [pl.BlockSpec((None, bq, 1), lambda *g: (ids(*g)[0], ids(*g)[2], 0)),
-                 pl.BlockSpec((None, 1, cfg.tk_pad), lambda *g: (ids(*g)[0], 0, 0))]
-    args += [q_seg, kv_seg]
-  if cfg.has_alibi:
-    in_specs.append(pl.BlockSpec((None, 1, 1), lambda *g: (ids(*g)[1], 0, 0)))
-    args.append(slopes)
+  in_specs, args = fc.query_block_inputs(cfg, bq, ids, q, k, v, q_seg, kv_seg, slopes)
   in_specs += [fc.seq_spec(cfg, bq, ids), fc.stats_spec(bq, ids), fc.stats_spec(bq, ids)]
   args += [do, lse, delta]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]

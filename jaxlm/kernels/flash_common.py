@@ -310,3 +310,22 @@ def as_grouped_seq(x, cfg: FlashConfig):
     return x.reshape(B, cfg.num_kv_heads, cfg.group, T, D)
   B, T, _, D = x.shape
   return x.reshape(B, T, cfg.num_kv_heads, cfg.group, D)
+
+
+def query_block_inputs(cfg: FlashConfig, bq: int, ids, q, k, v, q_seg, kv_seg, slopes):
+  """(in_specs, args) of a kernel with one program per query block (forward, dq): its q
+  block, the whole K/V of its KV head (query head h reads KV head h // group), and the
+  optional segment ids and ALiBi slope."""
+  kv_head = lambda h: h // cfg.group  # noqa: E731
+  whole_kv = lambda *g: (*ids(*g)[:2], 0)  # noqa: E731
+  in_specs = [seq_spec(cfg, bq, ids), seq_spec(cfg, cfg.tk_pad, whole_kv, kv_head),
+              seq_spec(cfg, cfg.tk_pad, whole_kv, kv_head)]
+  args = [q, k, v]
+  if cfg.has_segments:
+    in_specs += [pl.BlockSpec((None, bq, 1), lambda *g: (ids(*g)[0], ids(*g)[2], 0)),
+                 pl.BlockSpec((None, 1, cfg.tk_pad), lambda *g: (ids(*g)[0], 0, 0))]
+    args += [q_seg, kv_seg]
+  if cfg.has_alibi:
+    in_specs.append(pl.BlockSpec((None, 1, 1), lambda *g: (ids(*g)[1], 0, 0)))
+    args.append(slopes)
+  return in_specs, args

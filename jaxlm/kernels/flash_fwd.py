@@ -73,21 +73,10 @@ def flash_forward(q, k, v, q_seg, kv_seg, slopes, cfg: FlashConfig):
   q_seg [B, Tq_pad, 1] / kv_seg [B, 1, Tk_pad] int32 and slopes [Hq, 1, 1] f32 (already
   times log2(e)) are present iff cfg.has_segments / cfg.has_alibi.
   """
-  B, Hq, G = q.shape[0], cfg.num_q_heads, cfg.group
+  B, Hq = q.shape[0], cfg.num_q_heads
   bq = cfg.block_q
   grid, ids, axis = fc.grid_bhn(cfg, B, Hq, cfg.tq_pad // bq)
-  kv_head = lambda h: h // G  # noqa: E731
-  in_specs = [fc.seq_spec(cfg, bq, ids),
-              fc.seq_spec(cfg, cfg.tk_pad, lambda *g: (*ids(*g)[:2], 0), kv_head),
-              fc.seq_spec(cfg, cfg.tk_pad, lambda *g: (*ids(*g)[:2], 0), kv_head)]
-  args = [q, k, v]
-  if cfg.has_segments:
-    in_specs += [pl.BlockSpec((None, bq, 1), lambda *g: (ids(*g)[0], ids(*g)[2], 0)),
-                 pl.BlockSpec((None, 1, cfg.tk_pad), lambda *g: (ids(*g)[0], 0, 0))]
-    args += [q_seg, kv_seg]
-  if cfg.has_alibi:
-    in_specs.append(pl.BlockSpec((None, 1, 1), lambda *g: (ids(*g)[1], 0, 0)))
-    args.append(slopes)
+  in_specs, args = fc.query_block_inputs(cfg, bq, ids, q, k, v, q_seg, kv_seg, slopes)
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((B, Hq, cfg.tq_pad, 1), jnp.float32)]
   out_specs = [fc.seq_spec(cfg, bq, ids), fc.stats_spec(bq, ids)]
