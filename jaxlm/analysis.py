@@ -65,6 +65,7 @@ Roofline
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import types
@@ -386,3 +387,27 @@ def report(mc: ModelConfig, rows, *, rules, mesh: dict[str, int], seq_len: int, 
       run=dict(seq_len=seq_len, batch=batch, grad_accum=grad_accum, mesh=mesh,
                num_devices=num_devices, optimizer=optimizer),
   )
+
+
+# ---- MFU in training metrics --------------------------------------------------------
+# jax device_kind -> DEVICES entry (as JAX reports them).
+_DEVICE_KINDS = {"H100": "h100", "H200": "h200", "TPU v5 lite": "tpu-v5e", "TPU v5e": "tpu-v5e",
+                 "TPU v5p": "tpu-v5p", "TPU v5": "tpu-v5p", "TPU v6 lite": "tpu-v6e",
+                 "TPU v6e": "tpu-v6e"}
+
+
+@functools.lru_cache(maxsize=4)
+def job_peak_flops(compute_dtype: str) -> tuple[float, str] | None:
+  """(peak FLOP/s of all devices of this job, where it comes from), or None for an
+  unknown accelerator. CPU devices share the host's cores, so a CPU job's peak is the
+  host's measured matmul peak (a quick 1024^3 matmul) times the number of hosts."""
+  import jax
+  kind = jax.devices()[0].device_kind
+  if jax.default_backend() == "cpu":
+    spec = measure_cpu(n=1024, runs=3)
+    key = "peak_flops_f32" if compute_dtype == "float32" else "peak_flops"
+    return spec[key] * jax.process_count(), "measured"
+  name = next((v for k, v in _DEVICE_KINDS.items() if k.lower() in kind.lower()), None)
+  if name is None:
+    return None
+  return DEVICES[name]["peak_flops"] * jax.device_count(), DEVICES[name]["name"]

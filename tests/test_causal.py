@@ -249,7 +249,9 @@ def test_tiny_decoder_training_lowers_val_loss(trained, name):
   assert saved["val_loss"] == rep["val_loss"]
   rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if "val_loss" in r] == [40, 80]
-  assert {"loss", "accuracy", "tokens_per_s"} <= set(rows[0])
+  assert {"loss", "accuracy", "tokens_per_s", "mfu"} <= set(rows[0])
+  # Model FLOPs utilization against this CPU's measured matmul peak.
+  assert all(0.0 < r["mfu"] < 1.0 for r in rows if "mfu" in r), [r.get("mfu") for r in rows]
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
-from jaxlm import experiment
+from jaxlm import analysis, experiment
 from jaxlm.data import pipeline
 from jaxlm.data.corpus import MANIFEST, Corpus, prepare_corpus
 from jaxlm.data.objectives import SPAN
@@ -240,6 +240,8 @@ def _train(cfg, workdir: str, mesh) -> dict[str, Any]:
       dropout=mc.hidden_dropout_prob > 0 or mc.attention_probs_dropout_prob > 0,
       grad_accum_steps=t.grad_accum_steps, out_shardings=(p_sh, o_sh, None))
   evaluator = Evaluator(corpus, cfg, graphdef, mc.vocab_size, batch_sharding=on_mesh)
+  flops_per_token = analysis.training_flops_per_token(mc, cfg.data.max_seq_len)["total"]
+  peak = analysis.job_peak_flops(mc.dtype)
 
   local_tokens = 0  # tokens of this process's rows, not yet in run["tokens_seen"]
 
@@ -281,6 +283,8 @@ def _train(cfg, workdir: str, mesh) -> dict[str, Any]:
         row.update(mlm_accuracy=m["mlm_correct"] / max(m["mlm_count"], 1),
                    nsp_accuracy=m["nsp_correct"] / max(m["nsp_count"], 1))
       row.update(_router_metrics(m))
+      if peak is not None:  # model FLOPs utilization (MaxText's FLOPs accounting)
+        row["mfu"] = row["tokens_per_s"] * flops_per_token / peak[0]
       if writer:
         writer.write(step, row)
       bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
