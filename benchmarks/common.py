@@ -1,6 +1,10 @@
-"""What the benchmark scripts share: writing their JSON where it was asked for."""
+"""What the benchmark scripts share: synthetic training batches and writing their JSON
+where it was asked for."""
 
+import math
 import os
+
+import numpy as np
 
 
 def write_json(text: str, *paths: str | None, out_name: str | None = None) -> list[str]:
@@ -14,3 +18,32 @@ def write_json(text: str, *paths: str | None, out_name: str | None = None) -> li
     with open(path, "w", encoding="utf-8") as f:
       f.write(text + "\n")
   return targets
+
+
+# ---- synthetic batches (jaxlm's batch formats) ---------------------------------------
+def max_predictions(T: int, mask_prob: float = 0.15) -> int:
+  """Masked positions per row (= jaxlm.data.objectives.max_predictions; no jaxlm import
+  here, so the torch side needs no jax)."""
+  return max(1, math.ceil(mask_prob * T))
+
+
+def bert_batch(rng, B, T, V):
+  P = max_predictions(T, 0.15)
+  # distinct sorted positions per row (1..T-1), as the real masker produces
+  pos = np.stack([np.sort(rng.choice(np.arange(1, T), P, replace=False)) for _ in range(B)])
+  return {"input_ids": rng.integers(5, V, (B, T)).astype(np.int32),
+          "token_type_ids": (np.arange(T) >= T // 2).astype(np.int32)[None].repeat(B, 0),
+          "attention_mask": np.ones((B, T), np.int32),
+          "masked_positions": pos.astype(np.int32),
+          "masked_ids": rng.integers(5, V, (B, P)).astype(np.int32),
+          "masked_weights": np.ones((B, P), np.float32),
+          "nsp_label": rng.integers(0, 2, (B,)).astype(np.int32),
+          "nsp_weight": np.ones((B,), np.float32)}
+
+
+def causal_batch(rng, B, T, V):
+  ids = rng.integers(5, V, (B, T + 1)).astype(np.int32)
+  return {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+          "attention_mask": np.ones((B, T), np.int32), "segment_ids": np.ones((B, T), np.int32),
+          "position_ids": np.tile(np.arange(T), (B, 1)).astype(np.int32),
+          "loss_weights": np.ones((B, T), np.float32)}

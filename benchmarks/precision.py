@@ -24,33 +24,12 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import write_json  # noqa: E402  (benchmarks/common.py)
+from common import bert_batch, causal_batch, write_json  # noqa: E402  (benchmarks/common.py)
 from configs import bert_tiny, llama_1b  # noqa: E402
 from jaxlm import experiment  # noqa: E402
-from jaxlm.data.objectives import max_predictions  # noqa: E402
 from jaxlm.models import auto  # noqa: E402
 from jaxlm.train.optim import make_optimizer  # noqa: E402
 from jaxlm.train.steps import make_train_step  # noqa: E402
-
-
-def bert_batch(rng, B, T, V):
-  P = max_predictions(T, 0.15)
-  return {"input_ids": rng.integers(5, V, (B, T)).astype(np.int32),
-          "token_type_ids": (np.arange(T) >= T // 2).astype(np.int32)[None].repeat(B, 0),
-          "attention_mask": np.ones((B, T), np.int32),
-          "masked_positions": np.sort(rng.integers(1, T, (B, P)), 1).astype(np.int32),
-          "masked_ids": rng.integers(5, V, (B, P)).astype(np.int32),
-          "masked_weights": np.ones((B, P), np.float32),
-          "nsp_label": rng.integers(0, 2, (B,)).astype(np.int32),
-          "nsp_weight": np.ones((B,), np.float32)}
-
-
-def causal_batch(rng, B, T, V):
-  return {"input_ids": rng.integers(5, V, (B, T)).astype(np.int32),
-          "attention_mask": np.ones((B, T), np.int32), "segment_ids": np.ones((B, T), np.int32),
-          "position_ids": np.tile(np.arange(T), (B, 1)).astype(np.int32),
-          "targets": rng.integers(5, V, (B, T)).astype(np.int32),
-          "loss_weights": np.ones((B, T), np.float32)}
 
 
 def setups():
