@@ -62,6 +62,7 @@ class Evaluator:
     self.unigram_logp = (pipeline.causal_unigram_log_probs(corpus, vocab_size) if self.causal
                          else corpus.unigram_log_probs())
     self._batches: dict[str, list] = {}
+    self._ready: dict[str, tuple[list, float]] = {}
 
   def batches(self, split: str) -> list:
     if split not in self._batches:
@@ -71,21 +72,31 @@ class Evaluator:
           max_batches=self.cfg.eval.max_batches or None))
     return self._batches[split]
 
+  def _prepared(self, split: str) -> tuple[list, float]:
+    """(the split's batches on the mesh, the unigram model's NLL sum on their targets):
+    both fixed for the run, so placed and summed once, not at every evaluation."""
+    if split not in self._ready:
+      placed, uni_sum = [], 0.0
+      for batch in self.batches(split):
+        on_device = batch
+        if self.batch_sharding is not None:
+          first, n = distributed.local_rows(self.batch_sharding, len(batch["example_weight"]))
+          on_device = distributed.put_batch({k: v[first:first + n] for k, v in batch.items()},
+                                            self.batch_sharding)
+        placed.append(on_device)
+        labels, w = ((batch["targets"], batch["loss_weights"]) if self.causal
+                     else (batch["masked_ids"], batch["masked_weights"]))
+        w = w * batch["example_weight"][:, None]
+        uni_sum -= float((self.unigram_logp[labels] * w).sum())
+      self._ready[split] = (placed, uni_sum)
+    return self._ready[split]
+
   def __call__(self, params, split: str) -> dict[str, float]:
     sums: dict[str, float] = {}
-    uni_sum = 0.0
-    for batch in self.batches(split):
-      on_device = batch
-      if self.batch_sharding is not None:
-        first, n = distributed.local_rows(self.batch_sharding, len(batch["example_weight"]))
-        on_device = distributed.put_batch({k: v[first:first + n] for k, v in batch.items()},
-                                          self.batch_sharding)
+    placed, uni_sum = self._prepared(split)
+    for on_device in placed:
       for k, v in jax.device_get(self.eval_step(params, on_device)).items():
         sums[k] = sums.get(k, 0.0) + float(v)
-      labels, w = ((batch["targets"], batch["loss_weights"]) if self.causal
-                   else (batch["masked_ids"], batch["masked_weights"]))
-      w = w * batch["example_weight"][:, None]
-      uni_sum -= float((self.unigram_logp[labels] * w).sum())
     if self.causal:
       n = max(sums["lm_count"], 1.0)
       loss = sums["lm_loss_sum"] / n
