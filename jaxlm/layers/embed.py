@@ -3,7 +3,8 @@
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.layers.linear import matmul, normal_init
+from jaxlm.layers.linear import normal_init
+from jaxlm.layers.vocab_loss import Projection
 
 
 class Embed(nnx.Module):
@@ -18,6 +19,10 @@ class Embed(nnx.Module):
   def __call__(self, ids):
     return jnp.take(self.embedding[...], ids, axis=0).astype(jnp.float32)
 
+  def projection(self, x_BTD) -> Projection:
+    """The tied vocabulary projection x @ E^T, not yet computed."""
+    return Projection(x_BTD, self.embedding[...], vocab_major=True, dtype=self.dtype)
+
   def attend(self, x_BTD):
     """Logits against every embedding row: x @ E^T."""
-    return matmul(x_BTD, self.embedding[...].T, self.dtype)
+    return self.projection(x_BTD).logits()

@@ -1,48 +1,89 @@
 """Dense projection with mixed precision: params in param_dtype, matmul inputs in dtype,
 accumulation and outputs in float32 (on CPU/AMX this is what makes bf16 fast)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxlm.parallel.rules import sharding_active
 
 
 def normal_init(std: float):
   return jax.nn.initializers.normal(stddev=std)
 
 
-@jax.custom_vjp
-def _bf16_matmul(x, w):
-  return jnp.matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
-                    preferred_element_type=jnp.float32)
+def materialize(x):
+  """x, computed into a buffer of its own on single-device CPU; x itself elsewhere.
+
+  XLA:CPU fuses a transpose into the matmul that reads it, and its matmuls with a
+  transposed left operand run at half speed in bf16 (a sixth slower in f32); an
+  elementwise chain is fused, and recomputed, in every consumer. It never fuses across a
+  conditional, so `x` passes through one whose predicate it cannot fold. CPU drops
+  optimization barriers, so they cannot serve. On a mesh, reading an element would cost a
+  collective, and other backends do not need it, so there it is the identity.
+  """
+  if jax.default_backend() != "cpu" or sharding_active() or x.size == 0:
+    return x
+  first = x.reshape(-1)[0]
+  return jax.lax.cond(first == first, lambda t: t, lambda t: t + 0.0 * t, x)
 
 
-def _bf16_matmul_fwd(x, w):
-  x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+def _contract_last(a, b):
+  """a [..., K] . b [N, K] -> [..., N] (a @ b.T), written so XLA:CPU does not transpose b."""
+  return jax.lax.dot_general(a, b, (((a.ndim - 1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _product(x, w, transpose_w: bool):
+  if transpose_w:
+    return _contract_last(x, w)
+  return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+
+def _rows(a):
+  return a.reshape(-1, a.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(x, w, dtype, transpose_w):
+  return _product(x.astype(dtype), w.astype(dtype), transpose_w)
+
+
+def _matmul_fwd(x, w, dtype, transpose_w):
+  xc, wc = x.astype(dtype), w.astype(dtype)
   # Zero-size carriers of the input dtypes (residuals must be arrays).
   carriers = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
-  return jnp.matmul(x16, w16, preferred_element_type=jnp.float32), (x16, w16, carriers)
+  return _product(xc, wc, transpose_w), (xc, wc, carriers)
 
 
-def _bf16_matmul_bwd(res, g):
-  # The default gradient feeds an f32 cotangent, and XLA then runs both backward matmuls
-  # in f32; casting it to bf16 keeps them on the fast path. The weight gradient is
-  # written as an explicit 2-D transpose-matmul: XLA:CPU has no bf16 kernel for the
-  # batched dot with a transposed left operand that autodiff would emit.
-  x16, w16, (x_like, w_like) = res
-  g16 = g.astype(jnp.bfloat16)
-  dx = jnp.matmul(g16, w16.T, preferred_element_type=jnp.float32)
-  dw = jnp.matmul(x16.reshape(-1, x16.shape[-1]).T, g16.reshape(-1, g16.shape[-1]),
-                  preferred_element_type=jnp.float32)
+def _matmul_bwd(dtype, transpose_w, res, g):
+  # Autodiff would feed the f32 cotangent to both matmuls, and XLA would then run them in
+  # f32 even for bf16 operands; the cast keeps them on the fast path. The weight gradient
+  # is a 2-D matmul with the transposed operand materialized (see `materialize`); XLA:CPU
+  # has no bf16 kernel for the batched dot with a transposed left operand that autodiff
+  # would emit.
+  xc, wc, (x_like, w_like) = res
+  gc = g.astype(dtype)
+  if transpose_w:  # y = x @ w^T, w [out, in]
+    dx = jnp.matmul(gc, wc, preferred_element_type=jnp.float32)
+    dw = jnp.matmul(materialize(_rows(gc).T), _rows(xc), preferred_element_type=jnp.float32)
+  else:
+    dx = _contract_last(gc, wc)
+    dw = jnp.matmul(materialize(_rows(xc).T), _rows(gc), preferred_element_type=jnp.float32)
   return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
 
-_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def matmul(x, w, dtype):
-  """x @ w with operands cast to `dtype` and float32 accumulation."""
-  if jnp.dtype(dtype) == jnp.bfloat16 and w.ndim == 2:
-    return _bf16_matmul(x, w)
+def matmul(x, w, dtype, transpose_w: bool = False):
+  """x @ w (x @ w^T if `transpose_w`) with operands cast to `dtype` and float32
+  accumulation."""
+  if w.ndim == 2:
+    return _matmul(x, w, jnp.dtype(dtype), transpose_w)
+  w = jnp.swapaxes(w, -1, -2) if transpose_w else w
   return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 

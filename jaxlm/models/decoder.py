@@ -26,6 +26,7 @@ from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
 from jaxlm.layers.norm import LayerNorm, RMSNorm
 from jaxlm.layers.position import alibi_bias
+from jaxlm.layers.vocab_loss import Projection
 from jaxlm.models.base import (PreTrainedModel, dtypes, feed_forward, rope_spec,
                                router_outputs, run_block)
 from jaxlm.models.outputs import ModelOutput
@@ -150,7 +151,7 @@ class DecoderForCausalLM(PreTrainedModel):
         rngs=rngs, **dtypes(cfg))
 
   def __call__(self, input_ids_BT, attention_mask=None, *, segment_ids=None, position_ids=None,
-               rngs: nnx.Rngs | None = None) -> ModelOutput:
+               project_logits: bool = True, rngs: nnx.Rngs | None = None) -> ModelOutput:
     """Next-token logits.
 
     Args:
@@ -159,6 +160,8 @@ class DecoderForCausalLM(PreTrainedModel):
       segment_ids: int [B, T] for packed rows, 0 = padding: attention never crosses a
         segment boundary, and positions restart at each segment unless given.
       position_ids: int [B, T]; default 0..T-1 (or per segment, see above).
+      project_logits: False returns the head's Projection in place of the logits
+        (layers.vocab_loss: the fused cross-entropy of training).
       rngs: dropout randomness; None = deterministic.
 
     Returns:
@@ -166,13 +169,13 @@ class DecoderForCausalLM(PreTrainedModel):
     """
     h_BTD = self.model(input_ids_BT, attention_mask, segment_ids=segment_ids,
                        position_ids=position_ids, rngs=rngs)
-    logits_BTV = (self.model.embed.attend(h_BTD) if self.lm_head is None
-                  else self.lm_head(h_BTD))
+    proj = (self.model.embed.projection(h_BTD) if self.lm_head is None
+            else Projection.of_dense(self.lm_head, h_BTD))
     if attention_mask is None and segment_ids is not None:
       attention_mask = segment_ids > 0  # packed rows: keep padding out of router statistics
-    logits_BTV = constrain(logits_BTV, ("batch", "length", "vocab"))
-    return ModelOutput(logits=logits_BTV.astype(jnp.float32), last_hidden_state=h_BTD,
-                       **router_outputs(self, attention_mask))
+    head = ({"logits": constrain(proj.logits(), ("batch", "length", "vocab"))}
+            if project_logits else {"projection": proj})
+    return ModelOutput(last_hidden_state=h_BTD, **head, **router_outputs(self, attention_mask))
 
 
 # Hugging Face class names; every family is the same composition with a different config.

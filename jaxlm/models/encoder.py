@@ -161,11 +161,12 @@ class BertForMaskedLM(PreTrainedModel):
                        rngs=rngs)
 
   def __call__(self, input_ids_BT, attention_mask=None, token_type_ids=None,
-               position_ids=None, *, masked_positions=None,
+               position_ids=None, *, masked_positions=None, project_logits: bool = True,
                rngs: nnx.Rngs | None = None) -> ModelOutput:
     out = self.bert(input_ids_BT, attention_mask, token_type_ids, position_ids, rngs=rngs)
-    h = _gather(out.last_hidden_state, masked_positions)
-    return out.replace(logits=self.mlm(h, self.bert.embeddings.word))
+    head = self.mlm(_gather(out.last_hidden_state, masked_positions),
+                    self.bert.embeddings.word, project_logits)
+    return out.replace(**{"logits" if project_logits else "projection": head})
 
 
 class BertForPreTraining(PreTrainedModel):
@@ -183,11 +184,13 @@ class BertForPreTraining(PreTrainedModel):
     self.nsp = NSPHead(cfg, rngs=rngs)
 
   def __call__(self, input_ids_BT, attention_mask=None, token_type_ids=None,
-               position_ids=None, *, masked_positions=None,
+               position_ids=None, *, masked_positions=None, project_logits: bool = True,
                rngs: nnx.Rngs | None = None) -> ModelOutput:
     out = self.bert(input_ids_BT, attention_mask, token_type_ids, position_ids, rngs=rngs)
-    logits = self.mlm(_gather(out.last_hidden_state, masked_positions), self.bert.embeddings.word)
-    return out.replace(logits=logits, nsp_logits=self.nsp(out.pooler_output))
+    head = self.mlm(_gather(out.last_hidden_state, masked_positions),
+                    self.bert.embeddings.word, project_logits)
+    return out.replace(**{"logits" if project_logits else "projection": head},
+                       nsp_logits=self.nsp(out.pooler_output))
 
 
 # Hugging Face class names; RoBERTa and DistilBERT differ from BERT only through the config.

@@ -26,6 +26,7 @@ from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
 from jaxlm.layers.norm import RMSNorm
 from jaxlm.layers.position import RelativePositionBias
+from jaxlm.layers.vocab_loss import Projection
 from jaxlm.models.base import (PreTrainedModel, dtypes, feed_forward, router_outputs,
                                run_block)
 from jaxlm.models.decoder import ACTIVATIONS
@@ -132,8 +133,10 @@ class T5ForConditionalGeneration(PreTrainedModel):
     return self.encoder(self.shared(input_ids_BS), mask, rngs=rngs)
 
   def decode(self, decoder_input_ids_BT, encoder_hidden_BSD, attention_mask=None,
-             decoder_attention_mask=None, *, rngs: nnx.Rngs | None = None) -> ModelOutput:
-    """Next-token logits [B, T, V] (float32) and the decoder's final hidden states.
+             decoder_attention_mask=None, *, project_logits: bool = True,
+             rngs: nnx.Rngs | None = None) -> ModelOutput:
+    """Next-token logits [B, T, V] (float32) and the decoder's final hidden states
+    (their Projection in place of logits when `project_logits` is False).
 
     attention_mask [B, S] marks the real encoder tokens (cross-attention keys);
     decoder_attention_mask [B, T] the real decoder tokens (on top of the causal mask).
@@ -147,13 +150,15 @@ class T5ForConditionalGeneration(PreTrainedModel):
                          enc_mask=enc_mask, rngs=rngs)
     if self.lm_head is None:
       # Tied: T5 rescales the decoder output so the embedding can serve as the head.
-      logits_BTV = self.shared.attend(h_BTD * self.config.hidden_size ** -0.5)
+      proj = self.shared.projection(h_BTD * self.config.hidden_size ** -0.5)
     else:
-      logits_BTV = self.lm_head(h_BTD)
-    return ModelOutput(logits=logits_BTV.astype(jnp.float32), last_hidden_state=h_BTD)
+      proj = Projection.of_dense(self.lm_head, h_BTD)
+    head = {"logits": proj.logits()} if project_logits else {"projection": proj}
+    return ModelOutput(last_hidden_state=h_BTD, **head)
 
   def __call__(self, input_ids_BS, attention_mask=None, *, decoder_input_ids,
-               decoder_attention_mask=None, rngs: nnx.Rngs | None = None) -> ModelOutput:
+               decoder_attention_mask=None, project_logits: bool = True,
+               rngs: nnx.Rngs | None = None) -> ModelOutput:
     """Teacher-forced forward pass.
 
     Args:
@@ -170,7 +175,7 @@ class T5ForConditionalGeneration(PreTrainedModel):
     """
     enc_BSD = self.encode(input_ids_BS, attention_mask, rngs=rngs)
     out = self.decode(decoder_input_ids, enc_BSD, attention_mask, decoder_attention_mask,
-                      rngs=rngs)
+                      project_logits=project_logits, rngs=rngs)
     # The two stacks route different tokens: each side's statistics skip its own padding.
     masks = {"encoder": attention_mask, "decoder": decoder_attention_mask}
     return out.replace(encoder_last_hidden_state=enc_BSD, **router_outputs(self, masks))

@@ -9,6 +9,7 @@ from jaxlm.layers.activations import get_activation
 from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
 from jaxlm.layers.norm import LayerNorm
+from jaxlm.layers.vocab_loss import Projection
 
 
 class MLMHead(nnx.Module):
@@ -28,10 +29,13 @@ class MLMHead(nnx.Module):
         D, V, use_bias=False, init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg))
     self.bias = nnx.Param(jnp.zeros((V,), jnp.dtype(cfg.param_dtype)))
 
-  def __call__(self, h_BPD, word_embeddings: Embed):
+  def __call__(self, h_BPD, word_embeddings: Embed, project_logits: bool = True):
+    """Logits [B, P, V], or their Projection when `project_logits` is False."""
     h_BPD = self.norm(self.act(self.transform(h_BPD)))
-    logits = word_embeddings.attend(h_BPD) if self.decoder is None else self.decoder(h_BPD)
-    return logits + self.bias[...]
+    proj = (word_embeddings.projection(h_BPD) if self.decoder is None
+            else Projection.of_dense(self.decoder, h_BPD))
+    proj = proj.replace(bias=self.bias[...])
+    return proj.logits() if project_logits else proj
 
 
 class NSPHead(nnx.Module):

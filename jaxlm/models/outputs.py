@@ -12,6 +12,9 @@ class ModelOutput:
   last_hidden_state: Any = None  # [B, T, D]
   pooler_output: Any = None  # [B, D]
   encoder_last_hidden_state: Any = None  # [B, S, D] encoder-decoder models
+  # With project_logits=False: the LM head's inputs (layers.vocab_loss.Projection) in
+  # place of logits, for the fused cross-entropy.
+  projection: Any = None
   # Mixture of experts (None for dense models), over all MoE layers:
   aux_loss: Any = None  # load-balancing loss, the Switch/Mixtral formula (unweighted)
   router_z_loss: Any = None  # mean squared router logsumexp (unweighted)

@@ -93,6 +93,11 @@ def activation_sharding(mesh: jax.sharding.Mesh | None, rules: Rules):
     _active.value = old
 
 
+def sharding_active() -> bool:
+  """Whether `activation_sharding` is in effect (the model runs on a mesh)."""
+  return getattr(_active, "value", None) is not None
+
+
 def constrain(x, axes: Sequence[str | None]):
   """with_sharding_constraint by logical names; a no-op outside `activation_sharding`
   (a single device, a notebook)."""

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from jaxlm.data.objectives import SPAN
+from jaxlm.layers.vocab_loss import cross_entropy_sums
 
 
 def _example_weights(batch):
@@ -24,18 +25,16 @@ def _example_weights(batch):
 def pretraining_stats(model, batch, rngs=None):
   """BERT: MLM loss at the masked positions plus the NSP loss."""
   out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-              masked_positions=batch["masked_positions"], rngs=rngs)
+              masked_positions=batch["masked_positions"], project_logits=False, rngs=rngs)
   ex_w_B = _example_weights(batch)
-  logp_BPV = jax.nn.log_softmax(out.logits.astype(jnp.float32))
-  labels_BP = batch["masked_ids"]
-  nll_BP = -jnp.take_along_axis(logp_BPV, labels_BP[..., None], axis=-1)[..., 0]
   w_BP = batch["masked_weights"] * ex_w_B[:, None]
+  mlm_loss_sum, mlm_correct = cross_entropy_sums(out.projection, batch["masked_ids"], w_BP)
   nsp_logp_B2 = jax.nn.log_softmax(out.nsp_logits.astype(jnp.float32))
   nsp_nll_B = -jnp.take_along_axis(nsp_logp_B2, batch["nsp_label"][:, None], axis=-1)[:, 0]
   nsp_w_B = batch["nsp_weight"] * ex_w_B
   return {**_router_stats(model, out),
-      "mlm_loss_sum": (nll_BP * w_BP).sum(),
-      "mlm_correct": ((logp_BPV.argmax(-1) == labels_BP) * w_BP).sum(),
+      "mlm_loss_sum": mlm_loss_sum,
+      "mlm_correct": mlm_correct,
       "mlm_count": w_BP.sum(),
       "nsp_loss_sum": (nsp_nll_B * nsp_w_B).sum(),
       "nsp_correct": ((nsp_logp_B2.argmax(-1) == batch["nsp_label"]) * nsp_w_B).sum(),
@@ -43,35 +42,32 @@ def pretraining_stats(model, batch, rngs=None):
   }
 
 
-def _next_token_stats(logits_BTV, targets_BT, w_BT):
-  """Summed NLL, hits and count where w_BT is 1 (teacher-forced token prediction)."""
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  # logsumexp minus the target logit: no [B, T, V] log-softmax kept for the backward pass.
-  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - target_logit_BT
-  return {
-      "lm_loss_sum": (nll_BT * w_BT).sum(),
-      "lm_correct": ((logits_BTV.argmax(-1) == targets_BT) * w_BT).sum(),
-      "lm_count": w_BT.sum(),
-  }
+def _next_token_stats(projection, targets_BT, w_BT):
+  """Summed NLL, hits and count where w_BT is 1 (teacher-forced token prediction), from
+  the fused vocabulary projection and cross-entropy (no [B, T, V] logits kept)."""
+  loss_sum, correct = cross_entropy_sums(projection, targets_BT, w_BT)
+  return {"lm_loss_sum": loss_sum, "lm_correct": correct, "lm_count": w_BT.sum()}
 
 
 def causal_lm_stats(model, batch, rngs=None):
   """Causal LM over packed rows: next-token NLL where `loss_weights` is 1 (never across
   a document boundary, never on padding)."""
   out = model(batch["input_ids"], batch["attention_mask"], segment_ids=batch["segment_ids"],
-              position_ids=batch["position_ids"], rngs=rngs)
+              position_ids=batch["position_ids"], project_logits=False, rngs=rngs)
   w_BT = batch["loss_weights"] * _example_weights(batch)[:, None]
-  return {**_next_token_stats(out.logits, batch["targets"], w_BT), **_router_stats(model, out)}
+  return {**_next_token_stats(out.projection, batch["targets"], w_BT),
+          **_router_stats(model, out)}
 
 
 def seq2seq_stats(model, batch, rngs=None):
   """Encoder-decoder (T5 span corruption): NLL of the targets given the inputs."""
   out = model(batch["input_ids"], batch["attention_mask"],
               decoder_input_ids=batch["decoder_input_ids"],
-              decoder_attention_mask=batch["decoder_attention_mask"], rngs=rngs)
+              decoder_attention_mask=batch["decoder_attention_mask"], project_logits=False,
+              rngs=rngs)
   w_BT = batch["loss_weights"] * _example_weights(batch)[:, None]
-  return {**_next_token_stats(out.logits, batch["targets"], w_BT), **_router_stats(model, out)}
+  return {**_next_token_stats(out.projection, batch["targets"], w_BT),
+          **_router_stats(model, out)}
 
 
 def _router_stats(model, out):
