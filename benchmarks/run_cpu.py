@@ -2,12 +2,13 @@
 
 For each (model, precision) the two frameworks run alternately, A B A B over --rounds,
 each run a fresh subprocess of benchmarks/train_throughput.py with the same environment
-for both sides (PYTHONPATH=repo, the glibc malloc settings of shared/PERF-NOTES.md).
+for both sides (PYTHONPATH=repo and the allocator settings BENCH_ENV below).
 Collects the JSON lines, writes benchmarks/results/cpu-<date>.json with machine info and
 prints a Markdown table of median tokens/s per side, their ratio and peak RSS.
 
   /work/venv-hf/bin/python benchmarks/run_cpu.py [--models bert,gpt,llama] \\
-      [--precisions fp32,bf16] [--rounds 3] [--steps 20] [--warmup 3] [--out FILE]
+      [--precisions fp32,bf16] [--rounds 3] [--steps 20] [--warmup 3] [--env hugetlb|old]
+      [--out FILE]
 
 The interpreter must have jax/flax and torch/transformers (--python to choose another).
 """
@@ -29,8 +30,16 @@ sys.path.insert(0, HERE)
 
 from common import write_json  # noqa: E402
 
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
-              "MALLOC_TRIM_THRESHOLD_": "8000000000", "MALLOC_TOP_PAD_": "268435456"}
+# The same allocator environment for both sides. glibc's transparent-huge-page tunable
+# cuts the minor page faults of the large per-step buffers (both frameworks allocate and
+# free them every step) by 512x. Measured here on 2026-11-28 against shared/PERF-NOTES.md's
+# settings (MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=8e9
+# MALLOC_TOP_PAD_=256MiB): as fast or faster for jaxlm, much faster for torch bf16 (BERT
+# ~6.1k -> ~9.3k tok/s), and a stable peak RSS, where those settings let the heap grow by
+# 256-350 MiB at random steps. --env old restores them.
+BENCH_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+OLD_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+           "MALLOC_TRIM_THRESHOLD_": "8000000000", "MALLOC_TOP_PAD_": "268435456"}
 
 
 def machine_info() -> dict:
@@ -91,10 +100,13 @@ def main() -> None:
   ap.add_argument("--torch-attn", choices=("sdpa", "eager"), default="sdpa")
   ap.add_argument("--python", default=sys.executable)
   ap.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+  ap.add_argument("--env", choices=("hugetlb", "old"), default="hugetlb",
+                  help="allocator environment for both sides (see BENCH_ENV)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
 
-  env = dict(os.environ, **MALLOC_ENV)
+  bench_env = BENCH_ENV if args.env == "hugetlb" else OLD_ENV
+  env = dict(os.environ, **bench_env)
   env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
   env.setdefault("PYTHONUNBUFFERED", "1")
 
@@ -123,7 +135,7 @@ def main() -> None:
   versions = {k: next((r[k] for r in runs if k in r), None)
               for k in ("jax", "torch", "transformers", "attn_implementation")}
   out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(),
-         "versions": versions, "env": MALLOC_ENV, "rounds": args.rounds,
+         "versions": versions, "env": bench_env, "rounds": args.rounds,
          "steps": args.steps, "warmup": args.warmup, "summary": rows, "runs": runs}
   path = args.out or os.path.join(HERE, "results", f"cpu-{time.strftime('%Y%m%d')}.json")
   write_json(json.dumps(out, indent=2), path, out_name=os.path.basename(path))

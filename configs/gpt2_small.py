@@ -5,7 +5,8 @@ gelu_new, tied LM head) pretrained as a causal LM on the embedded corpus.
 
 The vocabulary is a WordPiece trained on the corpus (the model's vocab_size follows it),
 so the shape is GPT-2's except for the embedding rows. `configs/gpt2_small.py:tiny`
-shrinks the model and the run to seconds. To continue from a checkpoint instead
+shrinks the model and the run to seconds; `:bench` is the GPT shape of
+benchmarks/train_throughput.py (d 256, 4 layers, seq 256, batch 8). To continue from a checkpoint instead
 (architecture and tokenizer then come from DIR):
 
   python -m jaxlm.main --config=configs/gpt2_small.py --workdir=runs/ft \\
@@ -30,6 +31,10 @@ def get_config(arg=None):
                    intermediate_size=256, max_position_embeddings=64, dtype="float32",
                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     experiment.tiny_run(c)
+  elif arg == "bench":
+    experiment.bench_run(c, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                         intermediate_size=1024, max_seq_len=256, batch_size=8,
+                         dtype="float32")
   elif arg:
-    raise ValueError(f"unknown variant {arg!r}; use configs/gpt2_small.py or :tiny")
+    raise ValueError(f"unknown variant {arg!r}; use configs/gpt2_small.py, :tiny or :bench")
   return c

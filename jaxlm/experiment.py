@@ -337,6 +337,27 @@ def causal_lm_run(c, *, max_seq_len: int, batch_size: int,
   return c
 
 
+def bench_run(c, *, hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
+              intermediate_size: int, max_seq_len: int, batch_size: int,
+              **model) -> ml_collections.ConfigDict:
+  """The `:bench` run: benchmarks/train_throughput.py's model and batch shapes (no
+  dropout, vocabulary 8192, AdamW lr 1e-4), logging every 10 steps and evaluating only
+  at the end, so the CLI's tokens/s can be compared with the bare train step's
+  (benchmarks/loop_vs_step.py)."""
+  c.model.update(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                 num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
+                 max_position_embeddings=max_seq_len, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0, **model)
+  c.tokenizer.vocab_size = 8192
+  c.data.max_seq_len = max_seq_len
+  c.train.update(steps=100, batch_size=batch_size, learning_rate=1e-4, warmup_steps=0,
+                 decay="constant", weight_decay=0.01, grad_clip_norm=1.0, log_every=10,
+                 eval_every=100)
+  c.eval.update(max_batches=2, samples=1, fill_mask_examples=1)
+  c.checkpoint.every = 100
+  return c
+
+
 def tiny_run(c) -> ml_collections.ConfigDict:
   """The `:tiny` run shared by the decoder and encoder-decoder configs: seconds on a CPU,
   and one prepared corpus (same data and tokenizer settings) serves all of them."""

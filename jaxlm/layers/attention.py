@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.layers.dropout import dropout
-from jaxlm.layers.linear import Dense
+from jaxlm.layers.linear import Dense, einsum
 from jaxlm.errors import ConfigError
 from jaxlm.layers.position import RoPE, alibi_slopes, apply_rope
 from jaxlm.parallel.rules import constrain
@@ -114,8 +114,7 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask, *, bias=None, dropout_ra
   K = k_BSKH.shape[2]
   G = N // K
   q_BTKGH = q_BTNH.reshape(B, T, K, G, H) * (H ** -0.5 if scale is None else scale)
-  logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH.astype(dtype), k_BSKH.astype(dtype),
-                            preferred_element_type=jnp.float32)
+  logits_BKGTS = einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, dtype)
   if bias is not None:
     # Query head n = k * G + g, matching the reshape of q above.
     b, n, t, s = bias.shape
@@ -127,8 +126,7 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask, *, bias=None, dropout_ra
                              jnp.finfo(jnp.float32).min)
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
   probs_BKGTS = dropout(probs_BKGTS, dropout_rate, rngs)
-  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS.astype(dtype), v_BSKH.astype(dtype),
-                         preferred_element_type=jnp.float32)
+  out_BTKGH = einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH, dtype)
   return out_BTKGH.reshape(B, T, N, H)
 
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.parallel.rules import sharding_active
+from jaxlm.parallel.rules import sharded_over_devices
 
 
 def normal_init(std: float):
@@ -24,7 +24,7 @@ def materialize(x):
   optimization barriers, so they cannot serve. On a mesh, reading an element would cost a
   collective, and other backends do not need it, so there it is the identity.
   """
-  if jax.default_backend() != "cpu" or sharding_active() or x.size == 0:
+  if jax.default_backend() != "cpu" or sharded_over_devices() or x.size == 0:
     return x
   first = x.reshape(-1)[0]
   return jax.lax.cond(first == first, lambda t: t, lambda t: t + 0.0 * t, x)
@@ -76,6 +76,42 @@ def _matmul_bwd(dtype, transpose_w, res, g):
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _einsum_lowp(spec, a, b, dtype):
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _einsum_lowp_fwd(spec, a, b, dtype):
+  ac, bc = a.astype(dtype), b.astype(dtype)
+  carriers = (jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
+  out = jnp.einsum(spec, ac, bc, preferred_element_type=jnp.float32)
+  return out, (ac, bc, carriers)
+
+
+def _einsum_lowp_bwd(spec, dtype, res, g):
+  ac, bc, (a_like, b_like) = res
+  ins, out = spec.split("->")
+  in_a, in_b = ins.split(",")
+  gc = g.astype(dtype)
+  da = jnp.einsum(f"{out},{in_b}->{in_a}", gc, bc, preferred_element_type=jnp.float32)
+  db = jnp.einsum(f"{in_a},{out}->{in_b}", ac, gc, preferred_element_type=jnp.float32)
+  return da.astype(a_like.dtype), db.astype(b_like.dtype)
+
+
+_einsum_lowp.defvjp(_einsum_lowp_fwd, _einsum_lowp_bwd)
+
+
+def einsum(spec: str, a, b, dtype):
+  """jnp.einsum of two operands cast to `dtype`, accumulated in float32. Below float32
+  the backward pass casts the cotangent to `dtype` too, as `matmul` does, so its two
+  einsums stay low-precision (autodiff would run them in float32). Every index of each
+  operand must appear in the other operand or the output (true of attention's)."""
+  if jnp.dtype(dtype).itemsize >= 4:
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
+                      preferred_element_type=jnp.float32)
+  return _einsum_lowp(spec, a, b, jnp.dtype(dtype))
 
 
 def matmul(x, w, dtype, transpose_w: bool = False):

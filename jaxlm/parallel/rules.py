@@ -93,9 +93,10 @@ def activation_sharding(mesh: jax.sharding.Mesh | None, rules: Rules):
     _active.value = old
 
 
-def sharding_active() -> bool:
-  """Whether `activation_sharding` is in effect (the model runs on a mesh)."""
-  return getattr(_active, "value", None) is not None
+def sharded_over_devices() -> bool:
+  """Whether `activation_sharding` is in effect with a mesh of more than one device."""
+  active = getattr(_active, "value", None)
+  return active is not None and active[0].size > 1
 
 
 def constrain(x, axes: Sequence[str | None]):

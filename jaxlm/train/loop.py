@@ -270,7 +270,7 @@ def _train(cfg, workdir: str, mesh) -> dict[str, Any]:
   step = run["step"]
   bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
              disable=None if primary else True, file=sys.stderr)
-  interval_t0, interval_start_tokens = time.time(), run["tokens_seen"]
+  interval_t0, interval_start_tokens, interval_start_step = time.time(), run["tokens_seen"], step
   while step < t.steps and not run["stopped_early"]:
     batch = next(data_iter)
     if split.first_reader:  # replicas (processes fed the same rows) count them once
@@ -287,7 +287,8 @@ def _train(cfg, workdir: str, mesh) -> dict[str, Any]:
       dt = time.time() - interval_t0
       run["train_seconds"] += dt
       row = {"loss": m["loss"], "learning_rate": schedule(step - 1),
-             "tokens_per_s": interval_tokens / max(dt, 1e-9), "grad_norm": m["grad_norm"]}
+             "tokens_per_s": interval_tokens / max(dt, 1e-9), "grad_norm": m["grad_norm"],
+             "step_time_s": dt / max(step - interval_start_step, 1)}
       if "lm_count" in m:
         row["accuracy"] = m["lm_correct"] / max(m["lm_count"], 1)
       else:
@@ -303,7 +304,8 @@ def _train(cfg, workdir: str, mesh) -> dict[str, Any]:
         eta = (t.steps - step) * dt / t.log_every
         log(f"step {step}/{t.steps} loss {row['loss']:.4f} tok/s {row['tokens_per_s']:.0f} "
             f"eta {eta:.0f}s")
-      interval_t0, interval_start_tokens = time.time(), run["tokens_seen"]
+      interval_t0, interval_start_tokens, interval_start_step = (
+          time.time(), run["tokens_seen"], step)
     if step % t.eval_every == 0 or step == t.steps:
       val = evaluator(params, "validation")
       if writer:
@@ -317,7 +319,7 @@ def _train(cfg, workdir: str, mesh) -> dict[str, Any]:
           run["stopped_early"] = True
           log(f"early stopping at step {step}: no val loss improvement in "
               f"{run['bad_evals']} evaluations")
-      interval_t0 = time.time()  # evaluation time is not training throughput
+      interval_t0, interval_start_step = time.time(), step  # evaluation is not training
     run["step"] = step
     if step % cfg.checkpoint.every == 0 or step == t.steps or run["stopped_early"]:
       save(step)

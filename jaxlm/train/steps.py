@@ -7,6 +7,7 @@ sums (not means) of its losses and hits, so eval batches aggregate exactly.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import jax
@@ -132,7 +133,6 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, seed: int, dr
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=out_shardings)
   def train_step(params, opt_state, batch, step):
     key = jax.random.fold_in(jax.random.key(seed), step)
     if A == 1:
@@ -155,7 +155,37 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, seed: int, dr
     params = optax.apply_updates(params, updates)
     return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **stats}
 
-  return train_step
+  return _compiled_then_trimmed(
+      jax.jit(train_step, donate_argnums=(0, 1), out_shardings=out_shardings))
+
+
+def release_host_memory() -> None:
+  """Hands the C heap's free pages back to the OS (glibc malloc_trim; a no-op elsewhere).
+
+  Compiling a train step leaves the compiler's freed memory scattered through the heap, too
+  fragmented to hold the step's buffers, which then come on top of it: on CPU, where those
+  buffers live in the same memory, a third more peak RSS for nothing."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def _compiled_then_trimmed(jitted):
+  """`jitted`, compiled ahead of its first run (the compile is cached, so the call that
+  follows reuses it) with the compiler's memory released in between."""
+  state = {"first": True}
+
+  @functools.wraps(jitted)
+  def call(*args):
+    if state["first"]:
+      jitted.lower(*args).compile()
+      release_host_memory()
+      state["first"] = False
+    return jitted(*args)
+
+  call.lower = jitted.lower
+  return call
 
 
 def make_eval_step(graphdef, objective: str = "mlm+nsp"):
