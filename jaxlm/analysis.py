@@ -29,7 +29,8 @@ Training FLOPs per token (MaxText's `calculate_tflops_training_per_device` accou
     token: encoder layers (bidirectional attention) + decoder layers with causal self-
     attention and a bidirectional cross-attention (its q/k/v/o matmuls counted too).
   * BERT MLM trains its vocabulary projection only at the masked positions; the count
-    (like MaxText) charges it at every position.
+    (like MaxText) charges it at every position unless `head_fraction` says which
+    fraction of positions it runs at (the training loop's `mfu` passes MLM's).
 
 Training memory per device
   * state: parameters and gradients in param_dtype, Adam's two moments in param_dtype
@@ -212,8 +213,10 @@ def abstract_params(rows, mc: ModelConfig) -> dict[str, int]:
 
 
 # ---- FLOPs ---------------------------------------------------------------------------
-def training_flops_per_token(mc: ModelConfig, seq_len: int) -> dict[str, float]:
-  """MaxText's accounting (see the module docstring); FLOPs per (target) token."""
+def training_flops_per_token(mc: ModelConfig, seq_len: int,
+                             head_fraction: float = 1.0) -> dict[str, float]:
+  """MaxText's accounting (see the module docstring); FLOPs per (target) token.
+  `head_fraction`: the fraction of positions the vocabulary projection runs at."""
   D, hd, Hq, Hkv = mc.hidden_size, mc.head_size, mc.num_attention_heads, mc.kv_heads
   F, V, E, k = mc.intermediate_size, mc.vocab_size, mc.num_local_experts, mc.num_experts_per_tok
   qkv, proj = D * (Hq + 2 * Hkv) * hd, Hq * hd * D
@@ -224,11 +227,11 @@ def training_flops_per_token(mc: ModelConfig, seq_len: int) -> dict[str, float]:
   attn_one = 12 * T_eff * Hq * hd  # QK^T + PV, forward and backward, one layer
   if arch_of(mc) in _SEQ2SEQ:
     Le, Ld = mc.num_hidden_layers, mc.decoder_layers
-    weights = Le * (qkv + proj + ffn) + Ld * (2 * (qkv + proj) + ffn) + D * V
+    weights = Le * (qkv + proj + ffn) + Ld * (2 * (qkv + proj) + ffn) + head_fraction * D * V
     attention = attn_one * (Le + Ld / 2 + Ld)
   else:
     L = mc.num_hidden_layers
-    weights = L * (qkv + proj + ffn) + D * V
+    weights = L * (qkv + proj + ffn) + head_fraction * D * V
     attention = attn_one * L * (0.5 if mc.causal else 1.0)
   return dict(weight_params=weights, weights=6.0 * weights, attention=float(attention),
               total=6.0 * weights + attention)
@@ -309,9 +312,10 @@ def inference_memory(mc: ModelConfig, total_params: int) -> dict:
 
 
 # ---- devices and roofline --------------------------------------------------------------
-def measure_cpu(n: int = 2048, runs: int = 3) -> dict:
+def measure_cpu(n: int = 2048, runs: int = 5) -> dict:
   """Peak matmul FLOP/s of this host (bf16 in, f32 accumulation; and f32) and the
-  bandwidth of an elementwise pass, measured on the spot (median of `runs`)."""
+  bandwidth of an elementwise pass, measured on the spot: the best of `runs` (a peak is
+  what the machine can do; slower runs only show other load on a shared host)."""
   import jax
   import jax.numpy as jnp
 
@@ -322,7 +326,7 @@ def measure_cpu(n: int = 2048, runs: int = 3) -> dict:
       t0 = time.perf_counter()
       jax.block_until_ready(fn(*args))
       times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
   out = {}
   for name, dt in (("bfloat16", jnp.bfloat16), ("float32", jnp.float32)):
@@ -331,7 +335,7 @@ def measure_cpu(n: int = 2048, runs: int = 3) -> dict:
     out[name] = 2 * n ** 3 / median_time(mm, a, a)
   x = jnp.ones((32 * 1024 * 1024,), jnp.float32)  # 128 MiB in, 128 MiB out
   bw = 2 * x.nbytes / median_time(jax.jit(lambda v: v * 2.0 + 1.0), x)
-  return dict(name=f"this CPU (measured: {n}^3 matmul, median of {runs})",
+  return dict(name=f"this CPU (measured: {n}^3 matmul, best of {runs})",
               peak_flops=out["bfloat16"], peak_flops_f32=out["float32"], hbm_bw=bw,
               hbm_bytes=None, measured=True)
 
@@ -400,11 +404,11 @@ _DEVICE_KINDS = {"H100": "h100", "H200": "h200", "TPU v5 lite": "tpu-v5e", "TPU 
 def job_peak_flops(compute_dtype: str) -> tuple[float, str] | None:
   """(peak FLOP/s of all devices of this job, where it comes from), or None for an
   unknown accelerator. CPU devices share the host's cores, so a CPU job's peak is the
-  host's measured matmul peak (a quick 1024^3 matmul) times the number of hosts."""
+  host's measured matmul peak (the best of five 2048^3 matmuls) times the number of hosts."""
   import jax
   kind = jax.devices()[0].device_kind
   if jax.default_backend() == "cpu":
-    spec = measure_cpu(n=1024, runs=3)
+    spec = measure_cpu()
     key = "peak_flops_f32" if compute_dtype == "float32" else "peak_flops"
     return spec[key] * jax.process_count(), "measured"
   name = next((v for k, v in _DEVICE_KINDS.items() if k.lower() in kind.lower()), None)

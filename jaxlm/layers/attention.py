@@ -114,19 +114,23 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask, *, bias=None, dropout_ra
   K = k_BSKH.shape[2]
   G = N // K
   q_BTKGH = q_BTNH.reshape(B, T, K, G, H) * (H ** -0.5 if scale is None else scale)
-  logits_BKGTS = einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, dtype)
+  # Logits [B, K, T, G, S]: the query's (t, g) order, so the matmul writes them in place
+  # (a [B, K, G, T, S] layout cost a transposed copy of the largest tensor per layer).
+  logits_BKTGS = einsum("btkgh,bskh->bktgs", q_BTKGH, k_BSKH, dtype, b_grad_order="bkhs")
   if bias is not None:
     # Query head n = k * G + g, matching the reshape of q above.
     b, n, t, s = bias.shape
-    bias_bKGtS = bias.astype(jnp.float32).reshape(b, K, G, t, s) if n == N else bias[:, :, None]
-    logits_BKGTS = logits_BKGTS + bias_bKGtS
+    bias = bias.astype(jnp.float32)
+    bias_bKtGS = (bias.reshape(b, K, G, t, s).transpose(0, 1, 3, 2, 4) if n == N
+                  else bias[:, :, :, None])
+    logits_BKTGS = logits_BKTGS + bias_bKtGS
   if mask is not None:
     mask_B1TS = mask if mask.ndim == 4 else mask[:, None]
-    logits_BKGTS = jnp.where(mask_B1TS[:, :, None], logits_BKGTS,
+    logits_BKTGS = jnp.where(mask_B1TS[:, :, :, None], logits_BKTGS,
                              jnp.finfo(jnp.float32).min)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
-  probs_BKGTS = dropout(probs_BKGTS, dropout_rate, rngs)
-  out_BTKGH = einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH, dtype)
+  probs_BKTGS = jax.nn.softmax(logits_BKTGS, axis=-1)
+  probs_BKTGS = dropout(probs_BKTGS, dropout_rate, rngs)
+  out_BTKGH = einsum("bktgs,bskh->btkgh", probs_BKTGS, v_BSKH, dtype, b_grad_order="bkhs")
   return out_BTKGH.reshape(B, T, N, H)
 
 

@@ -78,40 +78,43 @@ def _matmul_bwd(dtype, transpose_w, res, g):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def _einsum_lowp(spec, a, b, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _einsum(spec, a, b, dtype, b_grad_order):
   return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _einsum_lowp_fwd(spec, a, b, dtype):
+def _einsum_fwd(spec, a, b, dtype, b_grad_order):
   ac, bc = a.astype(dtype), b.astype(dtype)
   carriers = (jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
   out = jnp.einsum(spec, ac, bc, preferred_element_type=jnp.float32)
   return out, (ac, bc, carriers)
 
 
-def _einsum_lowp_bwd(spec, dtype, res, g):
+def _einsum_bwd(spec, dtype, b_grad_order, res, g):
   ac, bc, (a_like, b_like) = res
   ins, out = spec.split("->")
   in_a, in_b = ins.split(",")
   gc = g.astype(dtype)
   da = jnp.einsum(f"{out},{in_b}->{in_a}", gc, bc, preferred_element_type=jnp.float32)
-  db = jnp.einsum(f"{in_a},{out}->{in_b}", ac, gc, preferred_element_type=jnp.float32)
+  order = b_grad_order or in_b
+  db = jnp.einsum(f"{in_a},{out}->{order}", ac, gc, preferred_element_type=jnp.float32)
+  if order != in_b:
+    db = jnp.einsum(f"{order}->{in_b}", db)
   return da.astype(a_like.dtype), db.astype(b_like.dtype)
 
 
-_einsum_lowp.defvjp(_einsum_lowp_fwd, _einsum_lowp_bwd)
+_einsum.defvjp(_einsum_fwd, _einsum_bwd)
 
 
-def einsum(spec: str, a, b, dtype):
-  """jnp.einsum of two operands cast to `dtype`, accumulated in float32. Below float32
-  the backward pass casts the cotangent to `dtype` too, as `matmul` does, so its two
-  einsums stay low-precision (autodiff would run them in float32). Every index of each
+def einsum(spec: str, a, b, dtype, *, b_grad_order: str | None = None):
+  """jnp.einsum of two operands cast to `dtype`, accumulated in float32, with a backward
+  pass that casts the cotangent to `dtype` too, as `matmul` does (autodiff would run both
+  gradient einsums in float32 even for bf16 operands). `b_grad_order` computes b's
+  gradient with its indices in that order and transposes it after: attention's K and V
+  gradients contract the large [.., T, S] tensor over (group, query) and, computed as
+  [B, K, H, S], read it in place instead of copying it transposed. Every index of each
   operand must appear in the other operand or the output (true of attention's)."""
-  if jnp.dtype(dtype).itemsize >= 4:
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
-                      preferred_element_type=jnp.float32)
-  return _einsum_lowp(spec, a, b, jnp.dtype(dtype))
+  return _einsum(spec, a, b, jnp.dtype(dtype), b_grad_order)
 
 
 def matmul(x, w, dtype, transpose_w: bool = False):
