@@ -34,7 +34,7 @@ def _inputs(B=3, T=10, D=16, V=40, vocab_major=True, seed=0):
 
 @pytest.mark.parametrize("vocab_major", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("chunk_logits", [1 << 22, 64])  # one chunk; chunks of 1-2 positions
+@pytest.mark.parametrize("chunk_logits", [1 << 22, 64])  # one chunk; 8 chunks of 1-2 positions
 def test_matches_autodiff_of_plain_logits(monkeypatch, vocab_major, with_bias, chunk_logits):
   monkeypatch.setattr(vocab_loss, "CHUNK_LOGITS", chunk_logits)
   h, w, bias, targets, weights = _inputs(vocab_major=vocab_major)

@@ -22,8 +22,10 @@ import numpy as np
 
 from jaxlm.layers.linear import _contract_last, materialize, matmul
 
-# Positions per chunk: at most this many logits live at once (16 MiB in float32).
+# Positions per chunk: at most this many logits live at once (16 MiB in float32), unless
+# that would take more than MAX_CHUNKS chunks (the loop over them is unrolled).
 CHUNK_LOGITS = 1 << 22
+MAX_CHUNKS = 8
 
 
 @flax.struct.dataclass
@@ -54,7 +56,7 @@ def cross_entropy_sums(proj: Projection, targets_BT, weights_BT):
   summed loss, differentiable in h, W and bias, and the hits (not differentiable)."""
   B, T, _ = proj.h.shape
   V = proj.w.shape[0] if proj.vocab_major else proj.w.shape[1]
-  chunk = max(1, min(T, CHUNK_LOGITS // max(1, B * V)))
+  chunk = max(1, min(T, max(CHUNK_LOGITS // max(1, B * V), -(-T // MAX_CHUNKS))))
   has_bias = proj.bias is not None
   bias = proj.bias if has_bias else jnp.zeros((0,), jnp.float32)
   static = (proj.vocab_major, jnp.dtype(proj.dtype), chunk, has_bias)
