@@ -69,7 +69,8 @@ def test_main_job_report_metrics_and_export(trained):
   assert rep["fill_mask"] and len(rep["fill_mask"][0]["top5"]) == 5
   assert "== jaxlm report ==" in r.stdout
   train_rows = [x for x in rows(wd) if "loss" in x]
-  assert {"step", "loss", "learning_rate", "tokens_per_s"} <= set(train_rows[0])
+  assert {"step", "loss", "learning_rate", "tokens_per_s", "step_time_s"} <= set(train_rows[0])
+  assert all(0 < x["step_time_s"] < 60 for x in train_rows)
   assert train_rows[-1]["loss"] < train_rows[0]["loss"]  # it learns
   val_rows = [x for x in rows(wd) if "val_loss" in x]
   assert [x["step"] for x in val_rows] == [10, 20]
