@@ -34,7 +34,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import train_throughput as tt  # noqa: E402  (benchmarks/train_throughput.py)
-from common import max_predictions, write_json  # noqa: E402
+from common import write_json  # noqa: E402
 
 _RUNTIME = re.compile(r"^\$|Thunk|Pjit|Slinky|PjRt|ParseArguments|^end: ")
 
@@ -47,21 +47,11 @@ def main() -> None:
   ap.add_argument("--top", type=int, default=15)
   ap.add_argument("--out", default=None)
   a = ap.parse_args()
-  from flax import nnx
-  from jaxlm import analysis, experiment
-  from jaxlm.models import auto
-  from jaxlm.train.optim import make_optimizer
-  from jaxlm.train.steps import make_train_step
+  from jaxlm import analysis
+  from jaxlm.data.objectives import vocab_positions_fraction
   B, T = tt.DEFAULT_SHAPE[a.model]
-  cfg, objective, make_batch = tt.jaxlm_setup(a.model, T)
-  cfg.train.precision = a.precision
-  mc = experiment.model_config(cfg).replace(vocab_size=tt.VOCAB, pad_token_id=0,
-                                            eos_token_id=1, rope_scaling=None)
-  graphdef, params = nnx.split(auto.build_model(mc, seed=0), nnx.Param)
-  tx, _ = make_optimizer(cfg.train)
-  opt_state = tx.init(params)
-  step = make_train_step(graphdef, tx, seed=0, dropout=False, objective=objective)
-  batch = jax.device_put(make_batch(np.random.default_rng(0), B, T, tt.VOCAB))
+  step, params, opt_state, batch, mc, objective = tt.jaxlm_train_state(a.model, a.precision,
+                                                                       B, T)
   times = []
   for s in range(3 + a.steps):
     t0 = time.perf_counter()
@@ -88,7 +78,7 @@ def main() -> None:
       count[kind] += 1
   step_s = statistics.median(times[3:])
   flops = analysis.training_flops_per_token(
-      mc, T, max_predictions(T) / T if objective == "mlm+nsp" else 1.0)
+      mc, T, vocab_positions_fraction(objective, T, mask_prob=0.15))
   peak = analysis.measure_cpu()["peak_flops" if a.precision == "bf16" else "peak_flops_f32"]
   rows = [{"op": k, "s_per_step": v, "share_of_step": v / step_s,
            "count_per_step": count[k] // a.steps} for k, v in total.most_common(a.top)]

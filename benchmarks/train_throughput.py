@@ -50,28 +50,25 @@ LR, WD, CLIP = 1e-4, 0.01, 1.0
 # ---------------------------------------------------------------- synthetic batches (numpy)
 # ---------------------------------------------------------------- jaxlm
 def jaxlm_setup(model: str, T: int):
+  """(experiment config, objective, batch maker): BERT and GPT are the `:bench` configs
+  (the shapes above, shared with benchmarks/loop_vs_step.py), Llama is configs/llama_1b.py
+  shrunk here."""
   from configs import bert_tiny, gpt2_small, llama_1b
-  if model == "bert":
-    cfg = bert_tiny.get_config()
-    cfg.model.update(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                     intermediate_size=1024, max_position_embeddings=T,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return cfg, "mlm+nsp", bert_batch
-  if model == "gpt":
-    cfg = gpt2_small.get_config()
-    cfg.model.update(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                     intermediate_size=1024, max_position_embeddings=T,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return cfg, "causal", causal_batch
+  if model in ("bert", "gpt"):
+    cfg = (bert_tiny if model == "bert" else gpt2_small).get_config("bench")
+    cfg.model.max_position_embeddings = T
+    return cfg, ("mlm+nsp" if model == "bert" else "causal"), (
+        bert_batch if model == "bert" else causal_batch)
   cfg = llama_1b.get_config()
   cfg.model.update(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                    num_key_value_heads=2, intermediate_size=1376, max_position_embeddings=T,
                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-  # rope_scaling is dropped in run_jaxlm (ModelConfig.replace): plain RoPE on both sides
   return cfg, "causal", causal_batch
 
 
-def run_jaxlm(model, precision, B, T, steps, warmup):
+def jaxlm_train_state(model: str, precision: str, B: int, T: int):
+  """(train step, params, optimizer state, batch, model config, objective) of jaxlm's own
+  train step on one synthetic batch, as this benchmark runs it."""
   import jax
   from flax import nnx
   from jaxlm import experiment
@@ -83,14 +80,20 @@ def run_jaxlm(model, precision, B, T, steps, warmup):
   cfg.train.precision = precision
   cfg.train.update(learning_rate=LR, warmup_steps=0, decay="constant", weight_decay=WD,
                    grad_clip_norm=CLIP, b2=0.999, eps=1e-8)
-  mc = experiment.model_config(cfg).replace(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1)
-  if model == "llama":
-    mc = mc.replace(rope_scaling=None)
+  # rope_scaling dropped: plain RoPE on both sides (Llama)
+  mc = experiment.model_config(cfg).replace(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1,
+                                            rope_scaling=None)
   graphdef, params = nnx.split(auto.build_model(mc, seed=0), nnx.Param)
   tx, _ = make_optimizer(cfg.train)
   opt_state = tx.init(params)
   step = make_train_step(graphdef, tx, seed=0, dropout=False, objective=objective)
   batch = jax.device_put(make_batch(np.random.default_rng(0), B, T, VOCAB))
+  return step, params, opt_state, batch, mc, objective
+
+
+def run_jaxlm(model, precision, B, T, steps, warmup):
+  import jax
+  step, params, opt_state, batch, _, _ = jaxlm_train_state(model, precision, B, T)
   times, losses = [], []
   for s in range(warmup + steps):
     t0 = time.perf_counter()

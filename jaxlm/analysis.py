@@ -319,7 +319,7 @@ def measure_cpu(n: int = 2048, runs: int = 5) -> dict:
   import jax
   import jax.numpy as jnp
 
-  def median_time(fn, *args):
+  def best_time(fn, *args):
     jax.block_until_ready(fn(*args))  # compile and warm up
     times = []
     for _ in range(runs):
@@ -332,9 +332,9 @@ def measure_cpu(n: int = 2048, runs: int = 5) -> dict:
   for name, dt in (("bfloat16", jnp.bfloat16), ("float32", jnp.float32)):
     a = jnp.ones((n, n), dt)
     mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
-    out[name] = 2 * n ** 3 / median_time(mm, a, a)
+    out[name] = 2 * n ** 3 / best_time(mm, a, a)
   x = jnp.ones((32 * 1024 * 1024,), jnp.float32)  # 128 MiB in, 128 MiB out
-  bw = 2 * x.nbytes / median_time(jax.jit(lambda v: v * 2.0 + 1.0), x)
+  bw = 2 * x.nbytes / best_time(jax.jit(lambda v: v * 2.0 + 1.0), x)
   return dict(name=f"this CPU (measured: {n}^3 matmul, best of {runs})",
               peak_flops=out["bfloat16"], peak_flops_f32=out["float32"], hbm_bw=bw,
               hbm_bytes=None, measured=True)

@@ -32,6 +32,14 @@ def max_predictions(max_seq_len: int, mask_prob: float) -> int:
   return max(1, math.ceil(mask_prob * max_seq_len))
 
 
+def vocab_positions_fraction(objective: str, max_seq_len: int, mask_prob: float) -> float:
+  """The fraction of positions an objective projects onto the vocabulary: every target
+  for causal LM and span corruption, the masked positions only for MLM."""
+  if objective in ("causal", SPAN):
+    return 1.0
+  return max_predictions(max_seq_len, mask_prob) / max_seq_len
+
+
 def mask_tokens(ids_T: np.ndarray, maskable_T: np.ndarray, rng: np.random.Generator,
                 sp: SpecialIds, *, mask_prob: float = 0.15, num_predictions: int):
   """BERT masking: pick ~mask_prob of maskable tokens; 80% [MASK], 10% random, 10% kept.

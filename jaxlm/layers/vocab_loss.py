@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.layers.linear import _contract_last, materialize, matmul
+from jaxlm.layers.linear import _product, materialize, matmul
 
 # Positions per chunk: at most this many logits live at once (16 MiB in float32), unless
 # that would take more than MAX_CHUNKS chunks (the loop over them is unrolled).
@@ -68,21 +68,12 @@ def _chunks(static, T):
   return [(t, min(t + chunk, T)) for t in range(0, T, chunk)]
 
 
-def _mm(a, w, vocab_major: bool, to_vocab: bool):
-  """a @ W_DV (to_vocab) or a @ W_DV^T, for W stored [V, D] (vocab_major) or [D, V], in
-  float32 from operands of a's dtype; written so XLA:CPU never copies W transposed."""
-  w = w.astype(a.dtype)
-  if to_vocab == vocab_major:  # contract a's last dimension with W's second
-    return _contract_last(a, w)
-  return jnp.matmul(a, w, preferred_element_type=jnp.float32)
-
-
 def _chunk_stats(static, h_BCD, w, bias_V, targets_BC, weights_BC, grads: bool):
   """Loss and hit sums of one chunk and, if `grads`, d(loss sum)/d(logits) [B*C, V]."""
   vocab_major, dtype = static[0], static[1]
   B, C, D = h_BCD.shape
   h_ND = h_BCD.reshape(B * C, D).astype(dtype)
-  logits_NV = _mm(h_ND, w, vocab_major, to_vocab=True)
+  logits_NV = _product(h_ND, w, transpose_w=vocab_major)  # h @ W_DV
   if bias_V is not None:
     logits_NV = logits_NV + bias_V
   t_N, wt_N = targets_BC.reshape(-1), weights_BC.reshape(-1)
@@ -114,7 +105,8 @@ def _forward(static, h_BTD, w, bias, targets_BT, weights_BT, grads: bool):
     if not grads:
       continue
     dl = dl_NV.astype(dtype)  # bf16 cotangents keep both matmuls on the fast path
-    dh.append(_mm(dl, w, vocab_major, to_vocab=False).reshape(B, t1 - t0, D))
+    # dlogits @ W_DV^T, with W read in place in either layout.
+    dh.append(_product(dl, w, transpose_w=not vocab_major).reshape(B, t1 - t0, D))
     # h^T @ dlogits: [D, V] with the small operand transposed, never [V, N].
     dw_c = jnp.matmul(materialize(h_ND.T), dl, preferred_element_type=jnp.float32)
     dw_DV = dw_c if dw_DV is None else dw_DV + dw_c

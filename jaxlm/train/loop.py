@@ -22,7 +22,7 @@ from tqdm import tqdm
 from jaxlm import analysis, experiment
 from jaxlm.data import pipeline
 from jaxlm.data.corpus import MANIFEST, Corpus, prepare_corpus
-from jaxlm.data.objectives import SPAN, max_predictions
+from jaxlm.data.objectives import SPAN, vocab_positions_fraction
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.errors import ConfigError, DataError, JaxlmError
 from jaxlm.models import auto
@@ -251,10 +251,8 @@ def _train(cfg, workdir: str, mesh) -> dict[str, Any]:
       dropout=mc.hidden_dropout_prob > 0 or mc.attention_probs_dropout_prob > 0,
       grad_accum_steps=t.grad_accum_steps, out_shardings=(p_sh, o_sh, None))
   evaluator = Evaluator(corpus, cfg, graphdef, mc.vocab_size, batch_sharding=on_mesh)
-  # MLM projects onto the vocabulary at the masked positions only.
-  head_fraction = (1.0 if t.objective in ("causal", SPAN) else
-                   max_predictions(cfg.data.max_seq_len, cfg.data.mask_prob)
-                   / cfg.data.max_seq_len)
+  head_fraction = vocab_positions_fraction(t.objective, cfg.data.max_seq_len,
+                                           cfg.data.mask_prob)
   flops_per_token = analysis.training_flops_per_token(
       mc, cfg.data.max_seq_len, head_fraction)["total"]
   peak = analysis.job_peak_flops(mc.dtype)
