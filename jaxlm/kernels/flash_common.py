@@ -85,16 +85,22 @@ def _is_static(*xs) -> bool:
   return all(isinstance(x, int) for x in xs)
 
 
+def _i32(x):
+  # Explicit int32 on traced paths: Triton rejects a min/max/select whose operands lower
+  # to different integer types, which weakly typed Python ints can (seen on an H200).
+  return jnp.asarray(x, jnp.int32)
+
+
 def _div(x, n: int):
-  return x // n if _is_static(x) else lax.div(x, jnp.int32(n))
+  return x // n if _is_static(x) else lax.div(_i32(x), jnp.int32(n))
 
 
 def _max(x, y):
-  return max(x, y) if _is_static(x, y) else jnp.maximum(x, y)
+  return max(x, y) if _is_static(x, y) else jnp.maximum(_i32(x), _i32(y))
 
 
 def _min(x, y):
-  return min(x, y) if _is_static(x, y) else jnp.minimum(x, y)
+  return min(x, y) if _is_static(x, y) else jnp.minimum(_i32(x), _i32(y))
 
 
 def _floor_div_pos(x, n):  # floor(x / n) clamped at 0
@@ -110,7 +116,7 @@ def _end_div(x, n):  # floor(x / n) + 1 clamped at 0: blocks [0, end) reach posi
 
 
 def _where(c, x, y):
-  return (x if c else y) if _is_static(c, x, y) else jnp.where(c, x, y)
+  return (x if c else y) if _is_static(c, x, y) else jnp.where(c, _i32(x), _i32(y))
 
 
 def _finish(lo, a, b, hi, empty, has_segments):
