@@ -1,10 +1,11 @@
 """jaxlm: transformer language models in JAX/Flax NNX, from one shared layer library."""
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import ModelConfig, Runtime
 from jaxlm.errors import ConfigError, DataError, JaxlmError
-from jaxlm.models.auto import build_model, from_pretrained, save_pretrained
+from jaxlm.models.auto import build_model
+from jaxlm.pretrained import from_pretrained, save_pretrained
 
-__all__ = ["ModelConfig", "ConfigError", "DataError", "JaxlmError", "build_model",
+__all__ = ["ModelConfig", "Runtime", "ConfigError", "DataError", "JaxlmError", "build_model",
            "from_pretrained", "save_pretrained", "load_tokenizer"]
 __version__ = "0.1.0"
 

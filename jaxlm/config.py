@@ -27,15 +27,44 @@ _HF_IGNORED_KEYS = frozenset({
     "tie_encoder_decoder", "torchscript",
 })
 
+# Keys that jaxlm exports wrote before the runtime fields left ModelConfig: read and
+# dropped, so old exports still load (the caller picks the runtime).
+LEGACY_RUNTIME_KEYS = frozenset({"dtype", "attention_impl", "attention_backend", "remat"})
+# Marks a config.json as a jaxlm export rather than a Hugging Face checkpoint.
+EXPORT_MARKER = "jaxlm_export"
+
 _DTYPES = ("float32", "bfloat16", "float16")
 _CHOICES = {
     "norm_type": ("layernorm", "rmsnorm"),
     "norm_position": ("post", "pre"),
     "mlp_type": ("plain", "gated"),
     "position_embedding_type": ("absolute", "rope", "alibi", "relative", "none"),
-    "attention_impl": ("xla", "pallas", "cudnn", "auto"),
-    "remat": ("none", "full", "dots"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """How a model runs rather than what it is: never part of config.json. Set by the
+  experiment config (model.dtype, model.attention_impl, model.remat, train.precision) or
+  `jaxlm.from_pretrained(dir, dtype=..., attention_impl=..., remat=...)`."""
+
+  dtype: str = "float32"  # compute dtype of matmuls; parameters keep param_dtype
+  # "xla" (reference), "pallas" (jaxlm's flash kernel), "cudnn", "auto"
+  attention_impl: str = "xla"
+  # Rematerialization of each block in the backward pass: "none", "full" (keep only the
+  # block inputs) or "dots" (keep the matmul outputs, recompute the rest).
+  remat: str = "none"
+
+  CHOICES = {"dtype": _DTYPES, "attention_impl": ("xla", "pallas", "cudnn", "auto"),
+             "remat": ("none", "full", "dots")}
+
+  def __post_init__(self):
+    for name, choices in self.CHOICES.items():
+      if getattr(self, name) not in choices:
+        raise ConfigError(f"model.{name} must be one of {choices}, got {getattr(self, name)!r}")
+
+  def replace(self, **kwargs) -> Runtime:
+    return dataclasses.replace(self, **{k: v for k, v in kwargs.items() if v is not None})
 
 
 @dataclasses.dataclass
@@ -98,14 +127,9 @@ class ModelConfig:
   router_aux_loss_coef: float = 0.001  # load-balancing loss weight (HF Mixtral default)
   router_z_loss_coef: float = 0.0  # router z-loss weight (ST-MoE); 0 = off
   moe_capacity_factor: float | None = None  # None: dropless; else capacity per expert
-  # Compute dtype of matmuls; parameters stay in param_dtype (mixed precision).
-  dtype: str = "float32"
+  # Storage dtype of the parameters (what a checkpoint holds). The compute dtype is a
+  # Runtime choice.
   param_dtype: str = "float32"
-  # Attention backend: "xla" (reference), "pallas" (jaxlm's flash kernel), "cudnn", "auto".
-  attention_impl: str = "xla"
-  # Rematerialization of each block in the backward pass: "none", "full" (keep only the
-  # block inputs) or "dots" (keep the matmul outputs, recompute the rest).
-  remat: str = "none"
 
   def __post_init__(self):
     self.validate()
@@ -136,9 +160,8 @@ class ModelConfig:
       p = getattr(self, name)
       if not 0.0 <= p < 1.0:
         raise ConfigError(f"model.{name} must be in [0, 1), got {p}")
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in _DTYPES:
-        raise ConfigError(f"model.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
+    if self.param_dtype not in _DTYPES:
+      raise ConfigError(f"model.param_dtype must be one of {_DTYPES}, got {self.param_dtype!r}")
     for name, choices in _CHOICES.items():
       if getattr(self, name) not in choices:
         raise ConfigError(f"model.{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -200,12 +223,11 @@ class ModelConfig:
     """
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
-    d = dict(d)
-    if "attention_backend" in d:  # its name in jaxlm exports before attention_impl
-      d.setdefault("attention_impl", d.pop("attention_backend"))
     for key, value in d.items():
       if key in names:
         kwargs[key] = value
+      elif key in LEGACY_RUNTIME_KEYS or key == EXPORT_MARKER:
+        continue
       elif not (hf and key in _HF_IGNORED_KEYS):
         raise ConfigError(f"model.{key}: unknown ModelConfig key")
     return cls(**kwargs)
@@ -230,10 +252,11 @@ class ModelConfig:
     return cls.from_json_file(path)
 
   def save_pretrained(self, directory: str | os.PathLike) -> str:
+    """config.json of a jaxlm export (marked as such, so loaders do not read it as HF)."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, CONFIG_NAME)
     with open(path, "w", encoding="utf-8") as f:
-      f.write(self.to_json_string())
+      f.write(json.dumps({**self.to_dict(), EXPORT_MARKER: 1}, indent=2, sort_keys=True) + "\n")
     return path
 
   def replace(self, **kwargs) -> ModelConfig:

@@ -1,40 +1,48 @@
-"""Hugging Face checkpoints in and out.
+"""Hugging Face checkpoints in and out: one small module per family.
 
-Each family module (bert.py, llama.py, ...) registers a `Family`: how its config.json
-maps to a ModelConfig and how its tensor names and layouts map to jaxlm's flat
-parameter names ("model.layers.0.attn.q.kernel"), both ways. `load` and `save` in
-`jaxlm.hf.convert` are the only entry points the rest of jaxlm uses.
+Each family module (llama.py, gpt2.py, ...) describes, as a `Family`, how its config.json
+maps to a ModelConfig and how its tensor names and layouts map to jaxlm's flat parameter
+names ("model.layers.0.attn.q.kernel"), both ways; most do it with one `TensorMap`
+(common.py; llama.py is the model to copy). Nothing here builds or imports a model:
+`jaxlm.pretrained` loads and saves directories with these mappings.
+
+A new family is a module here plus one entry in the import list below.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable
+import json
+import os
 
-import numpy as np
+from jaxlm.errors import DataError
+from jaxlm.hf import bert, bloom, gpt2, gpt_neox, llama, mixtral, mpt, t5
+from jaxlm.hf.family import Family, Tensors
 
-from jaxlm.config import ModelConfig
+__all__ = ["FAMILIES", "Family", "Tensors", "family_of", "read_hf_config"]
 
-Tensors = dict[str, np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-  """One HF model family. `architectures` are the HF class names it handles; jaxlm
-  uses the same names (`ModelConfig.architectures`, `jaxlm.models.auto.ARCHITECTURES`)."""
-
-  name: str
-  architectures: tuple[str, ...]
-  config_from_hf: Callable[[dict], ModelConfig]
-  config_to_hf: Callable[[ModelConfig, str], dict]  # (cfg, hf class name) -> config.json
-  params_from_hf: Callable[[Tensors, ModelConfig, str], Tensors]
-  params_to_hf: Callable[[Tensors, ModelConfig, str], Tensors]
+FAMILIES: dict[str, Family] = {  # HF class name -> Family
+    arch: fam
+    for module in (bert, bloom, gpt2, gpt_neox, llama, mixtral, mpt, t5)
+    for fam in module.FAMILIES
+    for arch in fam.architectures
+}
 
 
-FAMILIES: dict[str, Family] = {}  # HF class name -> Family
+def family_of(arch: str, source: str) -> Family:
+  if arch not in FAMILIES:
+    raise DataError(f"{source}: unknown architecture {arch!r}; supported: {sorted(FAMILIES)}")
+  return FAMILIES[arch]
 
 
-def register(family: Family) -> Family:
-  for arch in family.architectures:
-    FAMILIES[arch] = family
-  return family
+def read_hf_config(directory: str) -> dict:
+  path = os.path.join(directory, "config.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      raw = json.load(f)
+  except FileNotFoundError:
+    raise DataError(f"{directory}: no config.json") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DataError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(raw, dict):
+    raise DataError(f"{path}: not a JSON object")
+  return raw

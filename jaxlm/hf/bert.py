@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError, DataError
-from jaxlm.hf import Family, Tensors, register
+from jaxlm.hf.family import Family, Tensors
 
 # jaxlm leaf name -> (HF leaf name, transpose?)
 _LEAVES = {"kernel": ("weight", True), "bias": ("bias", False), "scale": ("weight", False),
@@ -137,21 +137,12 @@ def _ignorable(spec: _Spec, canonical: str) -> bool:
 
 
 # ---- tensors ------------------------------------------------------------------------------
-def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """Flat jaxlm parameter names and shapes of the model `cfg` builds (no allocation)."""
-  from flax import nnx
-
-  from jaxlm.models.auto import build_abstract_model
-  state = nnx.state(build_abstract_model(cfg), nnx.Param)
-  return {".".join(str(k) for k in path): tuple(v.get_value().shape)
-          for path, v in nnx.to_flat_state(state)}
-
-
-def params_from_hf(spec: _Spec, tensors: Tensors, cfg: ModelConfig, arch: str) -> Tensors:
+def params_from_hf(spec: _Spec, tensors: Tensors, cfg: ModelConfig, arch: str,
+                   expected: dict[str, tuple]) -> Tensors:
   """HF tensors -> jaxlm flat names; a missing or misshapen tensor is named."""
   by_canonical = {_canonical(spec, name): (name, value) for name, value in tensors.items()}
   out, used = {}, set()
-  for name, shape in _param_shapes(cfg).items():
+  for name, shape in expected.items():
     hf_name, transpose = _to_hf_name(spec, arch, name)
     key = _canonical(spec, hf_name)
     alias = _tied_bias_alias(spec, key)
@@ -265,15 +256,15 @@ def config_to_hf(spec: _Spec, cfg: ModelConfig, arch: str) -> dict:
   return out
 
 
-def _register(name: str, spec: _Spec, architectures: tuple[str, ...]) -> Family:
-  return register(Family(
+def _family(name: str, spec: _Spec, architectures: tuple[str, ...]) -> Family:
+  return Family(
       name=name, architectures=architectures,
       config_from_hf=functools.partial(config_from_hf, spec),
       config_to_hf=functools.partial(config_to_hf, spec),
       params_from_hf=functools.partial(params_from_hf, spec),
-      params_to_hf=functools.partial(params_to_hf, spec)))
+      params_to_hf=functools.partial(params_to_hf, spec))
 
 
-_register("bert", BERT, ("BertModel", "BertForMaskedLM", "BertForPreTraining"))
-_register("roberta", ROBERTA, ("RobertaModel", "RobertaForMaskedLM"))
-_register("distilbert", DISTILBERT, ("DistilBertModel", "DistilBertForMaskedLM"))
+FAMILIES = (_family("bert", BERT, ("BertModel", "BertForMaskedLM", "BertForPreTraining")),
+            _family("roberta", ROBERTA, ("RobertaModel", "RobertaForMaskedLM")),
+            _family("distilbert", DISTILBERT, ("DistilBertModel", "DistilBertForMaskedLM")))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from jaxlm.config import ModelConfig
 from jaxlm.hf.common import (TensorMap, common_to_hf, expect, qkv_fuse_interleaved,
-                             qkv_split_interleaved, register_family, require,
+                             qkv_split_interleaved, map_family, require,
                              special_tokens_from_hf)
 
 
@@ -68,5 +68,5 @@ def tensor_map(cfg: ModelConfig) -> TensorMap:
   return tm.lm_head("lm_head", tied=cfg.tie_word_embeddings)
 
 
-FAMILY = register_family("bloom", ("BloomForCausalLM",), config_from_hf, config_to_hf,
-                         tensor_map)
+FAMILIES = (map_family("bloom", ("BloomForCausalLM",), config_from_hf, config_to_hf,
+                        tensor_map),)

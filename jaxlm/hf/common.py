@@ -10,8 +10,6 @@ so names map exactly both ways, and every import error names the Hugging Face te
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import re
 from typing import Callable, Sequence
 
@@ -19,7 +17,7 @@ import numpy as np
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError, DataError
-from jaxlm.hf import Family, Tensors, register
+from jaxlm.hf.family import Family, Tensors
 
 SOURCE = "Hugging Face checkpoint"
 
@@ -188,35 +186,20 @@ def _from_stacked(rule: Stacked, tensors: Tensors, expected: dict, arch: str) ->
   return value
 
 
-@functools.lru_cache(maxsize=8)
-def _expected_shapes(cfg_json: str) -> dict[str, tuple]:
-  from flax import nnx
-  from jaxlm.models.auto import build_abstract_model  # auto imports jaxlm.hf lazily too
-  model = build_abstract_model(ModelConfig.from_dict(json.loads(cfg_json)))
-  state = nnx.state(model, nnx.Param)
-  return {".".join(str(k) for k in path): tuple(v.get_value().shape)
-          for path, v in nnx.to_flat_state(state)}
+def map_family(name: str, architectures: Sequence[str],
+               config_from_hf: Callable[[dict], ModelConfig],
+               config_to_hf: Callable[[ModelConfig, str], dict],
+               tensor_map: Callable[[ModelConfig], TensorMap]) -> Family:
+  """A family whose tensors are fully described by `tensor_map(cfg)`."""
 
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-  """jaxlm parameter shapes for a config, from a shape-only model (nothing allocated)."""
-  return _expected_shapes(cfg.to_json_string())
-
-
-def register_family(name: str, architectures: Sequence[str],
-                    config_from_hf: Callable[[dict], ModelConfig],
-                    config_to_hf: Callable[[ModelConfig, str], dict],
-                    tensor_map: Callable[[ModelConfig], TensorMap]) -> Family:
-  """Registers a family whose tensors are fully described by `tensor_map(cfg)`."""
-
-  def params_from(tensors: Tensors, cfg: ModelConfig, arch: str) -> Tensors:
-    return tensor_map(cfg).from_hf(tensors, expected_shapes(cfg), arch)
+  def params_from(tensors: Tensors, cfg: ModelConfig, arch: str, expected) -> Tensors:
+    return tensor_map(cfg).from_hf(tensors, expected, arch)
 
   def params_to(params: Tensors, cfg: ModelConfig, arch: str) -> Tensors:
     return tensor_map(cfg).to_hf(params)
 
-  return register(Family(name, tuple(architectures), config_from_hf, config_to_hf,
-                         params_from, params_to))
+  return Family(name, tuple(architectures), config_from_hf, config_to_hf, params_from,
+                params_to)
 
 
 # ---- fused QKV layouts -----------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from jaxlm.config import ModelConfig
 from jaxlm.hf.common import (TensorMap, common_to_hf, expect, qkv_fuse_blocks, qkv_split_blocks,
-                             register_family, require, special_tokens_from_hf)
+                             map_family, require, special_tokens_from_hf)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -75,5 +75,5 @@ def tensor_map(cfg: ModelConfig) -> TensorMap:
   return tm.lm_head("lm_head", tied=cfg.tie_word_embeddings)
 
 
-FAMILY = register_family("gpt2", ("GPT2LMHeadModel",), config_from_hf, config_to_hf,
-                         tensor_map)
+FAMILIES = (map_family("gpt2", ("GPT2LMHeadModel",), config_from_hf, config_to_hf,
+                        tensor_map),)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from jaxlm.config import ModelConfig
 from jaxlm.hf.common import (TensorMap, common_to_hf, expect, qkv_fuse_interleaved,
-                             qkv_split_interleaved, register_family, rope_from_hf, rope_to_hf,
+                             qkv_split_interleaved, map_family, rope_from_hf, rope_to_hf,
                              special_tokens_from_hf)
 
 
@@ -70,5 +70,5 @@ def tensor_map(cfg: ModelConfig) -> TensorMap:
   return tm.lm_head("embed_out", tied=cfg.tie_word_embeddings)
 
 
-FAMILY = register_family("gpt_neox", ("GPTNeoXForCausalLM",), config_from_hf, config_to_hf,
-                         tensor_map)
+FAMILIES = (map_family("gpt_neox", ("GPTNeoXForCausalLM",), config_from_hf, config_to_hf,
+                        tensor_map),)

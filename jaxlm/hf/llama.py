@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.hf.common import (TensorMap, common_to_hf, expect, register_family, rope_from_hf,
+from jaxlm.hf.common import (TensorMap, common_to_hf, expect, map_family, rope_from_hf,
                              rope_to_hf, special_tokens_from_hf)
 
 _MISTRAL = "MistralForCausalLM"
@@ -88,5 +88,5 @@ def tensor_map(cfg: ModelConfig) -> TensorMap:
   return tm.lm_head("lm_head", tied=cfg.tie_word_embeddings)
 
 
-FAMILY = register_family("llama", ("LlamaForCausalLM", _MISTRAL), config_from_hf, config_to_hf,
-                         tensor_map)
+FAMILIES = (map_family("llama", ("LlamaForCausalLM", _MISTRAL), config_from_hf, config_to_hf,
+                        tensor_map),)

@@ -17,9 +17,9 @@ import numpy as np
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.hf import Family, Tensors, register
-from jaxlm.hf.common import (TensorMap, common_to_hf, expect, expected_shapes, require,
+from jaxlm.hf.common import (TensorMap, common_to_hf, expect, require,
                              rope_from_hf, rope_to_hf, special_tokens_from_hf)
+from jaxlm.hf.family import Family, Tensors
 
 ARCH = "MixtralForCausalLM"
 
@@ -144,13 +144,13 @@ def _layout_of(tensors: Tensors) -> dict:
   return dict(moe=moe, fused=fused)
 
 
-def params_from_hf(tensors: Tensors, cfg: ModelConfig, arch: str) -> Tensors:
-  return tensor_map(cfg, **_layout_of(tensors)).from_hf(tensors, expected_shapes(cfg), arch)
+def params_from_hf(tensors: Tensors, cfg: ModelConfig, arch: str, expected) -> Tensors:
+  return tensor_map(cfg, **_layout_of(tensors)).from_hf(tensors, expected, arch)
 
 
 def params_to_hf(params: Tensors, cfg: ModelConfig, arch: str) -> Tensors:
   return tensor_map(cfg).to_hf(params)
 
 
-FAMILY = register(Family("mixtral", (ARCH,), config_from_hf, config_to_hf, params_from_hf,
-                         params_to_hf))
+FAMILIES = (Family("mixtral", (ARCH,), config_from_hf, config_to_hf, params_from_hf,
+                   params_to_hf),)

@@ -13,7 +13,7 @@ import math
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
 from jaxlm.hf.common import (TensorMap, common_to_hf, expect, qkv_fuse_blocks, qkv_split_blocks,
-                             register_family, special_tokens_from_hf)
+                             map_family, special_tokens_from_hf)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -81,5 +81,5 @@ def tensor_map(cfg: ModelConfig) -> TensorMap:
   return tm.lm_head("lm_head", tied=cfg.tie_word_embeddings)
 
 
-FAMILY = register_family("mpt", ("MptForCausalLM",), config_from_hf, config_to_hf,
-                         tensor_map)
+FAMILIES = (map_family("mpt", ("MptForCausalLM",), config_from_hf, config_to_hf,
+                        tensor_map),)

@@ -18,8 +18,8 @@ import numpy as np
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError, DataError
-from jaxlm.hf import Family, Tensors, register
-from jaxlm.hf.common import SOURCE, TensorMap, common_to_hf, expect, expected_shapes
+from jaxlm.hf.common import SOURCE, TensorMap, common_to_hf, expect
+from jaxlm.hf.family import Family, Tensors
 from jaxlm.layers.activations import ACTIVATIONS
 
 _ARCH = "T5ForConditionalGeneration"
@@ -131,7 +131,7 @@ def tensor_map(cfg: ModelConfig) -> TensorMap:
   return tm.lm_head("lm_head", tied=cfg.tie_word_embeddings)
 
 
-def params_from_hf(tensors: Tensors, cfg: ModelConfig, arch: str) -> Tensors:
+def params_from_hf(tensors: Tensors, cfg: ModelConfig, arch: str, expected) -> Tensors:
   head, shared = tensors.get("lm_head.weight"), tensors.get("shared.weight")
   if cfg.tie_word_embeddings and head is not None and shared is not None and not np.array_equal(
       head, shared):
@@ -140,12 +140,12 @@ def params_from_hf(tensors: Tensors, cfg: ModelConfig, arch: str) -> Tensors:
                     "config ties them (set tie_word_embeddings: false for a separate head)")
   if not cfg.tie_word_embeddings and head is None and shared is not None:
     tensors = {**tensors, "lm_head.weight": shared}  # transformers 5 ties a missing head
-  return tensor_map(cfg).from_hf(tensors, expected_shapes(cfg), arch)
+  return tensor_map(cfg).from_hf(tensors, expected, arch)
 
 
 def params_to_hf(params: Tensors, cfg: ModelConfig, arch: str) -> Tensors:
   return tensor_map(cfg).to_hf(params)
 
 
-FAMILY = register(Family("t5", (_ARCH,), config_from_hf, config_to_hf, params_from_hf,
-                         params_to_hf))
+FAMILIES = (Family("t5", (_ARCH,), config_from_hf, config_to_hf, params_from_hf,
+                   params_to_hf),)

@@ -1,20 +1,24 @@
-"""What every model shares: the PreTrainedModel base class and config-derived specs."""
+"""What every model shares: the PreTrainedModel base class, config-derived specs, the
+gradient barrier and remat wrapper around each block, and MoE router outputs."""
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import ModelConfig, Runtime
 from jaxlm.errors import DataError
 from jaxlm.layers.linear import materialize
-from jaxlm.layers.mlp import MLP
 from jaxlm.layers.moe import MoE, pop_router_stats, router_losses
 from jaxlm.layers.position import RoPE
 
+# Logical axes of the residual stream [B, T, D] (sharding rules map them to the mesh).
+RESIDUAL_AXES = ("batch", "length", "embed")
 
-def dtypes(cfg: ModelConfig) -> dict:
-  """Compute and parameter dtypes, as keyword arguments for the layers."""
-  return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+def dtypes(cfg: ModelConfig, rt: Runtime) -> dict:
+  """Compute (runtime) and parameter (checkpoint) dtypes, as keyword arguments for the
+  layers."""
+  return dict(dtype=jnp.dtype(rt.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
 def rope_spec(cfg: ModelConfig) -> RoPE | None:
@@ -23,20 +27,6 @@ def rope_spec(cfg: ModelConfig) -> RoPE | None:
     return None
   return RoPE.create(cfg.head_size, theta=cfg.rope_theta,
                      partial_rotary_factor=cfg.partial_rotary_factor, scaling=cfg.rope_scaling)
-
-
-def feed_forward(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
-  """The block's feed-forward layer: the dense MLP the config describes, or a sparse
-  mixture of such MLPs when `num_local_experts` > 0. Every family builds it here."""
-  if cfg.num_local_experts > 0:
-    return MoE(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts,
-               cfg.num_experts_per_tok, activation=cfg.hidden_act,
-               gated=cfg.mlp_type == "gated", use_bias=cfg.mlp_bias,
-               capacity_factor=cfg.moe_capacity_factor, init_std=cfg.initializer_range,
-               rngs=rngs, **dtypes(cfg))
-  return MLP(cfg.hidden_size, cfg.intermediate_size, activation=cfg.hidden_act,
-             gated=cfg.mlp_type == "gated", use_bias=cfg.mlp_bias,
-             init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg))
 
 
 # model.remat: what a block keeps for the backward pass ("none": everything).
@@ -63,18 +53,18 @@ def _grad_barrier_bwd(_, g):
 grad_barrier.defvjp(_grad_barrier_fwd, _grad_barrier_bwd)
 
 
-def run_block(cfg: ModelConfig, block: nnx.Module, x, *args, rngs=None, **kwargs):
-  """block(x, *args, rngs=rngs, **kwargs), rematerialized as `cfg.remat` says: "full"
+def run_block(rt: Runtime, block: nnx.Module, x, *args, rngs=None, **kwargs):
+  """block(x, *args, rngs=rngs, **kwargs), rematerialized as `rt.remat` says: "full"
   keeps only the block's inputs, "dots" keeps the matmul outputs and recomputes the rest
   (norms, activations, softmax) in the backward pass."""
   x = grad_barrier(x)
-  if cfg.remat == "none":
+  if rt.remat == "none":
     return block(x, *args, rngs=rngs, **kwargs)
 
   def call(block, x, rngs, args, kwargs):
     return block(x, *args, rngs=rngs, **kwargs)
 
-  return nnx.remat(call, policy=_REMAT_POLICIES[cfg.remat])(block, x, rngs, args, kwargs)
+  return nnx.remat(call, policy=_REMAT_POLICIES[rt.remat])(block, x, rngs, args, kwargs)
 
 
 def router_outputs(model: nnx.Module, attention_mask_BT=None) -> dict:
@@ -116,9 +106,12 @@ def _mask_for(path, masks):
 
 
 class PreTrainedModel(nnx.Module):
-  """Top-level models subclass this and set `self.config` (a ModelConfig)."""
+  """Top-level models subclass this and set `self.config` (a ModelConfig: what the model
+  is) and `self.runtime` (a Runtime: how it runs)."""
+
+  saver = None  # jaxlm.pretrained.save_pretrained, set by that module (it imports this one)
 
   def save_pretrained(self, directory: str) -> str:
-    """Hugging Face format where transformers can express the model, else a jaxlm export."""
-    from jaxlm.models.auto import save_pretrained  # auto imports the model modules
-    return save_pretrained(self, directory)
+    """Hugging Face format where transformers can express the model, else a jaxlm export
+    (jaxlm.save_pretrained)."""
+    return type(self).saver(self, directory)

@@ -1,12 +1,10 @@
-"""Decoder-only causal language models (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX).
+"""Decoder-only causal language models (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX, Mixtral).
 
-One generic composition of the shared layers, steered only by ModelConfig fields:
+One generic composition of the shared block (models/block.py), steered only by
+ModelConfig fields:
 
-  tokens -> embed (+ learned positions) (-> embed norm) -> N x block -> final norm -> LM head
-
-  block, sequential (pre-LN):  x = x + attn(norm1 x);  x = x + mlp(norm2 x)
-  block, parallel (GPT-NeoX):  x = x + attn(norm1 x) + mlp(norm2 x)
-  block, post-LN:              x = norm1(x + attn x);  x = norm2(x + mlp x)
+  tokens -> embed (+ learned positions) (-> embed norm) -> N x TransformerBlock
+         -> final norm (pre-LN) -> LM head
 
 Positions enter as learned embeddings ("absolute"), rotations of q/k ("rope") or an
 additive logits bias ("alibi"). The families differ only in their configs (jaxlm/hf/*.py).
@@ -18,29 +16,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.config import ModelConfig
-from jaxlm.errors import ConfigError
-from jaxlm.layers.attention import Attention, MaskSpec
+from jaxlm.config import ModelConfig, Runtime
+from jaxlm.layers.attention import MaskSpec
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
-from jaxlm.layers.norm import LayerNorm, RMSNorm
 from jaxlm.layers.position import alibi_bias
 from jaxlm.layers.vocab_loss import Projection
-from jaxlm.models.base import (PreTrainedModel, dtypes, feed_forward, rope_spec,
+from jaxlm.models.base import (RESIDUAL_AXES, PreTrainedModel, dtypes, rope_spec,
                                router_outputs, run_block)
+from jaxlm.models.block import TransformerBlock, norm
 from jaxlm.models.outputs import ModelOutput
 from jaxlm.parallel.rules import constrain
-
-ACTIVATIONS = ("batch", "length", "embed")  # logical axes of the residual stream
-
-
-def make_norm(cfg: ModelConfig) -> nnx.Module:
-  if cfg.norm_type == "rmsnorm":
-    return RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
-  return LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, use_bias=cfg.norm_bias,
-                   param_dtype=jnp.dtype(cfg.param_dtype))
-
 
 
 def segment_positions(segment_ids_BT):
@@ -62,56 +49,19 @@ def decoder_mask(cfg: ModelConfig, T: int, attention_mask_BT=None,
                         attention_mask=attention_mask_BT, segment_ids=segment_ids_BT)
 
 
-class DecoderBlock(nnx.Module):
-  """Self-attention + MLP with pre-LN (sequential or parallel residual) or post-LN."""
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    dt = dtypes(cfg)
-    self.attn_norm = make_norm(cfg)
-    self.attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
-                          num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-                          use_bias=cfg.attention_bias, out_bias=cfg.attention_out_bias,
-                          dropout_rate=cfg.attention_probs_dropout_prob,
-                          init_std=cfg.initializer_range, impl=cfg.attention_impl,
-                          alibi=cfg.position_embedding_type == "alibi",
-                          rope=rope_spec(cfg), rngs=rngs, **dt)
-    self.mlp_norm = make_norm(cfg)
-    self.mlp = feed_forward(cfg, rngs=rngs)
-    self.pre_norm = cfg.norm_position == "pre"
-    self.parallel = cfg.parallel_residual
-    self.dropout_rate = cfg.hidden_dropout_prob
-
-  def __call__(self, x_BTD, mask, *, rope=None, bias=None, rngs=None):
-    def attn(h_BTD):
-      return dropout(self.attn(h_BTD, mask=mask, rope=rope, bias=bias, rngs=rngs),
-                     self.dropout_rate, rngs)
-
-    def mlp(h_BTD):
-      return dropout(self.mlp(h_BTD), self.dropout_rate, rngs)
-
-    if not self.pre_norm:
-      x_BTD = self.attn_norm(x_BTD + attn(x_BTD))
-      return self.mlp_norm(x_BTD + mlp(x_BTD))
-    if self.parallel:
-      return x_BTD + attn(self.attn_norm(x_BTD)) + mlp(self.mlp_norm(x_BTD))
-    x_BTD = x_BTD + attn(self.attn_norm(x_BTD))
-    return x_BTD + mlp(self.mlp_norm(x_BTD))
-
-
 class Decoder(nnx.Module):
   """Embeddings and the block stack; returns final hidden states [B, T, D]."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    if cfg.parallel_residual and cfg.norm_position != "pre":
-      raise ConfigError("model.parallel_residual requires model.norm_position='pre'")
-    kw = dict(init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg))
-    self.config = cfg
+  def __init__(self, cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs):
+    kw = dict(init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg, rt))
+    self.config, self.runtime = cfg, rt
     self.embed = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
     self.position = (Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
                      if cfg.position_embedding_type == "absolute" else None)
-    self.embed_norm = make_norm(cfg) if cfg.embedding_norm else None
-    self.layers = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
-    self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None
+    self.embed_norm = norm(cfg) if cfg.embedding_norm else None
+    self.layers = nnx.List([TransformerBlock(cfg, rt, rngs=rngs)
+                            for _ in range(cfg.num_hidden_layers)])
+    self.norm = norm(cfg) if cfg.norm_position == "pre" else None
     self.rope = rope_spec(cfg)
 
   def __call__(self, input_ids_BT, attention_mask=None, *, segment_ids=None, position_ids=None,
@@ -128,27 +78,27 @@ class Decoder(nnx.Module):
       x_BTD = x_BTD + self.position(position_ids)
     if self.embed_norm is not None:
       x_BTD = self.embed_norm(x_BTD)
-    x_BTD = constrain(dropout(x_BTD, cfg.hidden_dropout_prob, rngs), ACTIVATIONS)
+    x_BTD = constrain(dropout(x_BTD, cfg.hidden_dropout_prob, rngs), RESIDUAL_AXES)
 
     # Position tables are computed once per forward and shared by every layer.
     rope = self.rope(position_ids) if self.rope is not None else None
     bias = (alibi_bias(position_ids, cfg.num_attention_heads)
             if cfg.position_embedding_type == "alibi" else None)
     for layer in self.layers:
-      x_BTD = constrain(run_block(cfg, layer, x_BTD, mask, rope=rope, bias=bias, rngs=rngs),
-                        ACTIVATIONS)
+      _, x_BTD = run_block(self.runtime, layer, x_BTD, mask, rope=rope, bias=bias, rngs=rngs)
+      x_BTD = constrain(x_BTD, RESIDUAL_AXES)
     return self.norm(x_BTD) if self.norm is not None else x_BTD
 
 
 class DecoderForCausalLM(PreTrainedModel):
   """A Decoder plus the LM head: tied to the token embedding or a bias-free Dense."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.config = cfg
-    self.model = Decoder(cfg, rngs=rngs)
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime = Runtime()):
+    self.config, self.runtime = cfg, runtime
+    self.model = Decoder(cfg, runtime, rngs=rngs)
     self.lm_head = None if cfg.tie_word_embeddings else Dense(
         cfg.hidden_size, cfg.vocab_size, use_bias=False, init_std=cfg.initializer_range,
-        rngs=rngs, **dtypes(cfg))
+        rngs=rngs, **dtypes(cfg, runtime))
 
   def __call__(self, input_ids_BT, attention_mask=None, *, segment_ids=None, position_ids=None,
                project_logits: bool = True, rngs: nnx.Rngs | None = None) -> ModelOutput:

@@ -1,4 +1,5 @@
-"""Encoder-only models (BERT, RoBERTa, DistilBERT), composed from the shared layer library.
+"""Encoder-only models (BERT, RoBERTa, DistilBERT): embeddings, a stack of the shared
+TransformerBlock (models/block.py; post-LN here) and the task heads (models/heads.py).
 
 The three families share one code path; the config says how they differ:
 RoBERTa counts positions from the padding id (`position_ids_from_mask`) and has one
@@ -8,17 +9,16 @@ token type, DistilBERT has no token types (`type_vocab_size=0`) and no pooler.
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import ModelConfig, Runtime
 from jaxlm.errors import ConfigError
-from jaxlm.layers.attention import Attention, MaskSpec
+from jaxlm.layers.attention import MaskSpec
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
-from jaxlm.layers.norm import LayerNorm
-from jaxlm.models.base import (PreTrainedModel, dtypes, feed_forward, rope_spec,
+from jaxlm.models.base import (RESIDUAL_AXES, PreTrainedModel, dtypes, rope_spec,
                                router_outputs, run_block)
+from jaxlm.models.block import TransformerBlock, norm
 from jaxlm.models.heads import MLMHead, NSPHead
-from jaxlm.models.decoder import ACTIVATIONS
 from jaxlm.models.outputs import ModelOutput
 from jaxlm.parallel.rules import constrain
 
@@ -32,14 +32,14 @@ def position_ids_from_mask(input_ids_BT, pad_id: int):
 class Embeddings(nnx.Module):
   """word + learned position (unless rotary) + token type, then LayerNorm and dropout."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    kw = dict(init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg))
+  def __init__(self, cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs):
+    kw = dict(init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg, rt))
     self.word = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
     self.position = (Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
                      if cfg.position_embedding_type == "absolute" else None)
     self.token_type = (Embed(cfg.type_vocab_size, cfg.hidden_size, **kw)
                        if cfg.type_vocab_size else None)
-    self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+    self.norm = norm(cfg)
     self.dropout_rate = cfg.hidden_dropout_prob
     self.pad_id = cfg.pad_token_id if cfg.position_ids_from_mask else None
 
@@ -78,39 +78,19 @@ def _check_encoder_config(cfg: ModelConfig) -> None:
                       "supported by the encoder models (absolute or rope)")
 
 
-class EncoderBlock(nnx.Module):
-  """Post-LN transformer block (BERT): x = LN(x + attn(x)); x = LN(x + mlp(x))."""
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    dt = dtypes(cfg)
-    self.attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
-                          num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-                          dropout_rate=cfg.attention_probs_dropout_prob,
-                          init_std=cfg.initializer_range, impl=cfg.attention_impl,
-                          rngs=rngs, **dt)
-    self.attn_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-    self.mlp = feed_forward(cfg, rngs=rngs)
-    self.mlp_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-    self.dropout_rate = cfg.hidden_dropout_prob
-
-  def __call__(self, x_BTD, mask, rope=None, rngs=None):
-    h = dropout(self.attn(x_BTD, mask=mask, rope=rope, rngs=rngs), self.dropout_rate, rngs)
-    x_BTD = self.attn_norm(x_BTD + h)
-    h = dropout(self.mlp(x_BTD), self.dropout_rate, rngs)
-    return self.mlp_norm(x_BTD + h)
-
-
 class BertModel(PreTrainedModel):
   """Embeddings, a stack of encoder blocks and the [CLS] pooler (BertModel, RobertaModel)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, add_pooler: bool = True):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime = Runtime(),
+               add_pooler: bool = True):
     _check_encoder_config(cfg)
-    self.config = cfg
-    self.embeddings = Embeddings(cfg, rngs=rngs)
+    self.config, self.runtime = cfg, runtime
+    self.embeddings = Embeddings(cfg, runtime, rngs=rngs)
     self.rope = rope_spec(cfg)
-    self.layers = nnx.List([EncoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    self.layers = nnx.List([TransformerBlock(cfg, runtime, rngs=rngs)
+                            for _ in range(cfg.num_hidden_layers)])
     self.pooler = (Dense(cfg.hidden_size, cfg.hidden_size, init_std=cfg.initializer_range,
-                         rngs=rngs, **dtypes(cfg)) if add_pooler else None)
+                         rngs=rngs, **dtypes(cfg, runtime)) if add_pooler else None)
 
   def __call__(self, input_ids_BT, attention_mask=None, token_type_ids=None,
                position_ids=None, *, rngs: nnx.Rngs | None = None) -> ModelOutput:
@@ -124,8 +104,8 @@ class BertModel(PreTrainedModel):
         position_ids = jnp.broadcast_to(jnp.arange(input_ids_BT.shape[1]), input_ids_BT.shape)
       rope = self.rope(position_ids)
     for layer in self.layers:
-      x_BTD = constrain(run_block(self.config, layer, x_BTD, mask, rope=rope, rngs=rngs),
-                        ACTIVATIONS)
+      _, x_BTD = run_block(self.runtime, layer, x_BTD, mask, rope=rope, rngs=rngs)
+      x_BTD = constrain(x_BTD, RESIDUAL_AXES)
     pooled_BD = jnp.tanh(self.pooler(x_BTD[:, 0])) if self.pooler is not None else None
     return ModelOutput(last_hidden_state=x_BTD, pooler_output=pooled_BD,
                        **router_outputs(self, attention_mask))
@@ -134,8 +114,8 @@ class BertModel(PreTrainedModel):
 class DistilBertModel(BertModel):
   """DistilBERT's base model: BertModel without the pooler (token types off via config)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    super().__init__(cfg, rngs=rngs, add_pooler=False)
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime = Runtime()):
+    super().__init__(cfg, rngs=rngs, runtime=runtime, add_pooler=False)
 
 
 def _gather(h_BTD, masked_positions_BP):
@@ -152,12 +132,12 @@ class BertForMaskedLM(PreTrainedModel):
   as in BertForPreTraining.
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.config = cfg
-    self.bert = BertModel(cfg, rngs=rngs, add_pooler=False)
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime = Runtime()):
+    self.config, self.runtime = cfg, runtime
+    self.bert = BertModel(cfg, rngs=rngs, runtime=runtime, add_pooler=False)
     # RobertaLMHead applies exact GELU whatever hidden_act says; BERT and DistilBERT
     # use the config's activation.
-    self.mlm = MLMHead(cfg, activation="gelu" if cfg.model_type == "roberta" else None,
+    self.mlm = MLMHead(cfg, runtime, activation="gelu" if cfg.model_type == "roberta" else None,
                        rngs=rngs)
 
   def __call__(self, input_ids_BT, attention_mask=None, token_type_ids=None,
@@ -177,11 +157,11 @@ class BertForPreTraining(PreTrainedModel):
   MLM, whose loss only reads the masked ones.
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.config = cfg
-    self.bert = BertModel(cfg, rngs=rngs)
-    self.mlm = MLMHead(cfg, rngs=rngs)
-    self.nsp = NSPHead(cfg, rngs=rngs)
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime = Runtime()):
+    self.config, self.runtime = cfg, runtime
+    self.bert = BertModel(cfg, rngs=rngs, runtime=runtime)
+    self.mlm = MLMHead(cfg, runtime, rngs=rngs)
+    self.nsp = NSPHead(cfg, runtime, rngs=rngs)
 
   def __call__(self, input_ids_BT, attention_mask=None, token_type_ids=None,
                position_ids=None, *, masked_positions=None, project_logits: bool = True,

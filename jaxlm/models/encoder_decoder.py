@@ -1,4 +1,5 @@
-"""Encoder-decoder models: T5 and T5 v1.1 (T5ForConditionalGeneration).
+"""Encoder-decoder models: T5 and T5 v1.1 (T5ForConditionalGeneration), two stacks of the
+shared TransformerBlock (models/block.py; pre-LN, cross-attention in the decoder's).
 
   encoder: tokens -> shared embed -> N x [x += attn(norm x); x += ff(norm x)] -> norm
   decoder: tokens -> shared embed -> M x [x += causal attn(norm x);
@@ -18,18 +19,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import ModelConfig, Runtime
 from jaxlm.errors import ConfigError
-from jaxlm.layers.attention import Attention, causal_mask, padding_mask
+from jaxlm.layers.attention import MaskSpec
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
-from jaxlm.layers.norm import RMSNorm
 from jaxlm.layers.position import RelativePositionBias
 from jaxlm.layers.vocab_loss import Projection
-from jaxlm.models.base import (PreTrainedModel, dtypes, feed_forward, router_outputs,
-                               run_block)
-from jaxlm.models.decoder import ACTIVATIONS
+from jaxlm.models.base import RESIDUAL_AXES, PreTrainedModel, dtypes, router_outputs, run_block
+from jaxlm.models.block import TransformerBlock, norm
 from jaxlm.models.outputs import ModelOutput
 from jaxlm.parallel.rules import constrain
 
@@ -50,55 +49,20 @@ def _check_t5_config(cfg: ModelConfig) -> None:
                       "T5ForConditionalGeneration (T5 projections have no biases)")
 
 
-def _norm(cfg: ModelConfig) -> RMSNorm:
-  return RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
-
-
-def _attention(cfg: ModelConfig, rngs: nnx.Rngs) -> Attention:
-  return Attention(cfg.hidden_size, cfg.num_attention_heads,
-                   num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_size,
-                   use_bias=False, dropout_rate=cfg.attention_probs_dropout_prob,
-                   init_std=cfg.initializer_range, impl=cfg.attention_impl, dense_bias=True,
-                   scale=1.0, rngs=rngs, **dtypes(cfg))
-
-
-class T5Block(nnx.Module):
-  """Pre-norm self-attention (+ cross-attention in the decoder) + feed-forward."""
-
-  def __init__(self, cfg: ModelConfig, *, cross: bool, rngs: nnx.Rngs):
-    self.attn_norm = _norm(cfg)
-    self.attn = _attention(cfg, rngs)
-    self.cross_norm = _norm(cfg) if cross else None
-    self.cross_attn = _attention(cfg, rngs) if cross else None
-    self.mlp_norm = _norm(cfg)
-    self.mlp = feed_forward(cfg, rngs=rngs)
-    self.dropout_rate = cfg.hidden_dropout_prob
-
-  def __call__(self, x_BTD, mask, bias_1NTT, *, enc_BSD=None, enc_mask=None, rngs=None):
-    def residual(h_BTD):
-      return dropout(h_BTD, self.dropout_rate, rngs)
-
-    x_BTD = x_BTD + residual(self.attn(self.attn_norm(x_BTD), mask=mask, bias=bias_1NTT,
-                                       rngs=rngs))
-    if self.cross_attn is not None:
-      x_BTD = x_BTD + residual(self.cross_attn(self.cross_norm(x_BTD), kv_BSD=enc_BSD,
-                                               mask=enc_mask, rngs=rngs))
-    return x_BTD + residual(self.mlp(self.mlp_norm(x_BTD)))
-
-
 class T5Stack(nnx.Module):
   """The block stack of one side (embeddings are shared and live on the model)."""
 
-  def __init__(self, cfg: ModelConfig, *, decoder: bool, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rt: Runtime, *, decoder: bool, rngs: nnx.Rngs):
     depth = cfg.decoder_layers if decoder else cfg.num_hidden_layers
-    self.config = cfg
+    self.config, self.runtime = cfg, rt
     # One bias table per stack, shared by all its layers (HF keeps it in block 0).
     self.position = RelativePositionBias(
         cfg.relative_attention_num_buckets, cfg.num_attention_heads, bidirectional=not decoder,
         max_distance=cfg.relative_attention_max_distance, init_std=cfg.initializer_range,
         param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
-    self.layers = nnx.List([T5Block(cfg, cross=decoder, rngs=rngs) for _ in range(depth)])
-    self.norm = _norm(cfg)
+    self.layers = nnx.List([TransformerBlock(cfg, rt, cross=decoder, rngs=rngs)
+                            for _ in range(depth)])
+    self.norm = norm(cfg)
     self.dropout_rate = cfg.hidden_dropout_prob
 
   def __call__(self, x_BTD, mask, *, enc_BSD=None, enc_mask=None, rngs=None):
@@ -107,8 +71,9 @@ class T5Stack(nnx.Module):
     bias_1NTT = self.position(positions_T, positions_T)  # computed once, used by every layer
     x_BTD = dropout(x_BTD, self.dropout_rate, rngs)
     for layer in self.layers:
-      x_BTD = constrain(run_block(self.config, layer, x_BTD, mask, bias_1NTT, enc_BSD=enc_BSD,
-                                  enc_mask=enc_mask, rngs=rngs), ACTIVATIONS)
+      _, x_BTD = run_block(self.runtime, layer, x_BTD, mask, bias=bias_1NTT, enc_BSD=enc_BSD,
+                           enc_mask=enc_mask, rngs=rngs)
+      x_BTD = constrain(x_BTD, RESIDUAL_AXES)
     return dropout(self.norm(x_BTD), self.dropout_rate, rngs)
 
 
@@ -116,20 +81,20 @@ class T5ForConditionalGeneration(PreTrainedModel):
   """T5 / T5 v1.1 with the LM head: tied to the shared embedding (decoder output scaled
   by d_model**-0.5 first, as T5 does) or a bias-free Dense (v1.1, no scaling)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime = Runtime()):
     _check_t5_config(cfg)
-    self.config = cfg
+    self.config, self.runtime = cfg, runtime
     self.shared = Embed(cfg.vocab_size, cfg.hidden_size, init_std=cfg.initializer_range,
-                        rngs=rngs, **dtypes(cfg))
-    self.encoder = T5Stack(cfg, decoder=False, rngs=rngs)
-    self.decoder = T5Stack(cfg, decoder=True, rngs=rngs)
+                        rngs=rngs, **dtypes(cfg, runtime))
+    self.encoder = T5Stack(cfg, runtime, decoder=False, rngs=rngs)
+    self.decoder = T5Stack(cfg, runtime, decoder=True, rngs=rngs)
     self.lm_head = None if cfg.tie_word_embeddings else Dense(
         cfg.hidden_size, cfg.vocab_size, use_bias=False, init_std=cfg.initializer_range,
-        rngs=rngs, **dtypes(cfg))
+        rngs=rngs, **dtypes(cfg, runtime))
 
   def encode(self, input_ids_BS, attention_mask=None, *, rngs: nnx.Rngs | None = None):
     """Encoder hidden states [B, S, D] (float32). attention_mask [B, S]: 1 = real token."""
-    mask = None if attention_mask is None else padding_mask(attention_mask)
+    mask = MaskSpec.build(input_ids_BS.shape[1], attention_mask=attention_mask)
     return self.encoder(self.shared(input_ids_BS), mask, rngs=rngs)
 
   def decode(self, decoder_input_ids_BT, encoder_hidden_BSD, attention_mask=None,
@@ -142,10 +107,8 @@ class T5ForConditionalGeneration(PreTrainedModel):
     decoder_attention_mask [B, T] the real decoder tokens (on top of the causal mask).
     """
     T = decoder_input_ids_BT.shape[1]
-    mask = causal_mask(T, T)
-    if decoder_attention_mask is not None:
-      mask = mask & padding_mask(decoder_attention_mask)
-    enc_mask = None if attention_mask is None else padding_mask(attention_mask)
+    mask = MaskSpec.build(T, causal=True, attention_mask=decoder_attention_mask)
+    enc_mask = MaskSpec.build(T, kv_mask=attention_mask)
     h_BTD = self.decoder(self.shared(decoder_input_ids_BT), mask, enc_BSD=encoder_hidden_BSD,
                          enc_mask=enc_mask, rngs=rngs)
     if self.lm_head is None:

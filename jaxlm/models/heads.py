@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import ModelConfig, Runtime
 from jaxlm.models.base import dtypes
 from jaxlm.layers.activations import get_activation
 from jaxlm.layers.embed import Embed
@@ -20,13 +20,16 @@ class MLMHead(nnx.Module):
   and, for RoBERTa, in a head activation fixed to exact GELU (`activation`).
   """
 
-  def __init__(self, cfg: ModelConfig, *, activation: str | None = None, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rt: Runtime, *, activation: str | None = None,
+               rngs: nnx.Rngs):
     D, V = cfg.hidden_size, cfg.vocab_size
-    self.transform = Dense(D, D, init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg))
-    self.norm = LayerNorm(D, eps=cfg.layer_norm_eps)
+    dt = dtypes(cfg, rt)
+    self.transform = Dense(D, D, init_std=cfg.initializer_range, rngs=rngs, **dt)
+    # Always a LayerNorm with bias: the head of every BERT-like family has one.
+    self.norm = LayerNorm(D, eps=cfg.layer_norm_eps, param_dtype=dt["param_dtype"])
     self.act = get_activation(activation or cfg.hidden_act)
     self.decoder = None if cfg.tie_word_embeddings else Dense(
-        D, V, use_bias=False, init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg))
+        D, V, use_bias=False, init_std=cfg.initializer_range, rngs=rngs, **dt)
     self.bias = nnx.Param(jnp.zeros((V,), jnp.dtype(cfg.param_dtype)))
 
   def __call__(self, h_BPD, word_embeddings: Embed, project_logits: bool = True):
@@ -41,9 +44,9 @@ class MLMHead(nnx.Module):
 class NSPHead(nnx.Module):
   """Two-way classifier on the pooled [CLS] state: is segment B the true continuation?"""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs):
     self.classifier = Dense(cfg.hidden_size, 2, init_std=cfg.initializer_range, rngs=rngs,
-                            **dtypes(cfg))
+                            **dtypes(cfg, rt))
 
   def __call__(self, pooled_BD):
     return self.classifier(pooled_BD)

@@ -1,0 +1,112 @@
+"""The one transformer block every family composes, and the factories that build its parts.
+
+  post-LN (BERT):              x = norm1(x + attn x);  x = norm2(x + ff x)
+  pre-LN (GPT, Llama, T5):     x = x + attn(norm1 x);  [x = x + cross(norm x, enc)];
+                               x = x + ff(norm2 x)
+  parallel (GPT-NeoX):         x = x + attn(norm1 x) + ff(norm2 x)
+
+`attention(cfg, rt)`, `norm(cfg)` and `feed_forward(cfg, rt)` turn a ModelConfig (what
+the model is) and a Runtime (how it runs) into layers, so every family builds them the
+same way: a new attention variant, norm or MoE reaches every family through one factory,
+never through an argument threaded into each model.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.config import ModelConfig, Runtime
+from jaxlm.errors import ConfigError
+from jaxlm.layers.attention import Attention
+from jaxlm.layers.dropout import dropout
+from jaxlm.layers.mlp import MLP
+from jaxlm.layers.moe import MoE
+from jaxlm.layers.norm import LayerNorm, RMSNorm
+from jaxlm.models.base import dtypes, rope_spec
+
+
+def norm(cfg: ModelConfig) -> nnx.Module:
+  """The config's norm (LayerNorm or RMSNorm, eps layer_norm_eps), in param_dtype."""
+  if cfg.norm_type == "rmsnorm":
+    return RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
+  return LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, use_bias=cfg.norm_bias,
+                   param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+def attention(cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs) -> Attention:
+  """Self- or cross-attention as the config describes it. T5-style models (a learned
+  relative-position bias) leave logits unscaled: T5 folds 1/sqrt(d) into the query
+  initialization."""
+  relative = cfg.position_embedding_type == "relative"
+  return Attention(cfg.hidden_size, cfg.num_attention_heads,
+                   num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_size,
+                   use_bias=cfg.attention_bias, out_bias=cfg.attention_out_bias,
+                   dropout_rate=cfg.attention_probs_dropout_prob,
+                   init_std=cfg.initializer_range, impl=rt.attention_impl,
+                   alibi=cfg.position_embedding_type == "alibi", rope=rope_spec(cfg),
+                   dense_bias=relative, scale=1.0 if relative else None, rngs=rngs,
+                   **dtypes(cfg, rt))
+
+
+def feed_forward(cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The dense MLP the config describes, or a sparse mixture of such MLPs when
+  `num_local_experts` > 0."""
+  if cfg.num_local_experts > 0:
+    return MoE(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts,
+               cfg.num_experts_per_tok, activation=cfg.hidden_act,
+               gated=cfg.mlp_type == "gated", use_bias=cfg.mlp_bias,
+               capacity_factor=cfg.moe_capacity_factor, init_std=cfg.initializer_range,
+               rngs=rngs, **dtypes(cfg, rt))
+  return MLP(cfg.hidden_size, cfg.intermediate_size, activation=cfg.hidden_act,
+             gated=cfg.mlp_type == "gated", use_bias=cfg.mlp_bias,
+             init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg, rt))
+
+
+class TransformerBlock(nnx.Module):
+  """Self-attention, optional cross-attention (`cross=True`: encoder-decoder decoders)
+  and a feed-forward, each with its norm, in the config's residual layout."""
+
+  def __init__(self, cfg: ModelConfig, rt: Runtime, *, cross: bool = False, rngs: nnx.Rngs):
+    if cfg.parallel_residual and cfg.norm_position != "pre":
+      raise ConfigError("model.parallel_residual requires model.norm_position='pre'")
+    if cross and (cfg.parallel_residual or cfg.norm_position != "pre"):
+      raise ConfigError("cross-attention blocks are sequential pre-LN (T5)")
+    self.attn_norm = norm(cfg)
+    self.attn = attention(cfg, rt, rngs=rngs)
+    self.cross_norm = norm(cfg) if cross else None
+    self.cross_attn = attention(cfg, rt, rngs=rngs) if cross else None
+    self.mlp_norm = norm(cfg)
+    self.mlp = feed_forward(cfg, rt, rngs=rngs)
+    self.layout = "parallel" if cfg.parallel_residual else cfg.norm_position
+    self.dropout_rate = cfg.hidden_dropout_prob
+
+  def __call__(self, x_BTD, mask, *, rope=None, bias=None, enc_BSD=None, enc_mask=None,
+               cache=None, rngs: nnx.Rngs | None = None):
+    """One block; returns (cache, x_BTD).
+
+    Args:
+      mask: the self-attention mask (a MaskSpec or a dense boolean mask).
+      rope: (cos, sin) for q and k; bias: additive self-attention logits bias (ALiBi,
+        T5 relative positions).
+      enc_BSD, enc_mask: encoder states and their mask, for cross-attention.
+      cache: carried through to the caller unchanged for now; the KV cache of
+        incremental decoding fills it in (see jaxlm/generate/).
+    """
+    def attn(h_BTD):
+      out = self.attn(h_BTD, mask=mask, rope=rope, bias=bias, rngs=rngs)
+      return dropout(out, self.dropout_rate, rngs)
+
+    def mlp(h_BTD):
+      return dropout(self.mlp(h_BTD), self.dropout_rate, rngs)
+
+    if self.layout == "post":
+      x_BTD = self.attn_norm(x_BTD + attn(x_BTD))
+      return cache, self.mlp_norm(x_BTD + mlp(x_BTD))
+    if self.layout == "parallel":
+      return cache, x_BTD + attn(self.attn_norm(x_BTD)) + mlp(self.mlp_norm(x_BTD))
+    x_BTD = x_BTD + attn(self.attn_norm(x_BTD))
+    if self.cross_attn is not None:
+      h_BTD = self.cross_attn(self.cross_norm(x_BTD), kv_BSD=enc_BSD, mask=enc_mask, rngs=rngs)
+      x_BTD = x_BTD + dropout(h_BTD, self.dropout_rate, rngs)
+    return cache, x_BTD + mlp(self.mlp_norm(x_BTD))

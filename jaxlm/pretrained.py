@@ -1,0 +1,113 @@
+"""`from_pretrained` / `save_pretrained`: model directories in and out.
+
+This module sits above both `jaxlm.models` (which builds models and knows nothing of
+checkpoints) and `jaxlm.hf` (which maps Hugging Face names and configs and builds
+nothing), and is the one place that dispatches between them:
+
+- an architecture whose Hugging Face class can express the config is saved and loaded
+  in HF format (config.json + model.safetensors that transformers reads);
+- anything else (e.g. a BERT with rotary positions) is a jaxlm export: config.json (a
+  ModelConfig, marked with `jaxlm_export`) plus model.safetensors named by module path
+  ("bert.layers.0.attn.q.kernel").
+
+How a model runs (compute dtype, attention backend, remat) is never saved: the caller
+picks it (`Runtime`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from jaxlm import hf
+from jaxlm.config import EXPORT_MARKER, ModelConfig, Runtime
+from jaxlm.errors import ConfigError, DataError
+from jaxlm.hf.io import check_weights, read_tensors, write_tensors
+from jaxlm.models import auto, base
+from jaxlm.params import flat_params, load_params, param_shapes
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _hf_family(cfg: ModelConfig) -> hf.Family | None:
+  """The HF family that can write this config, or None (then we write a jaxlm export)."""
+  arch = (cfg.architectures or [None])[0]
+  fam = hf.FAMILIES.get(arch)
+  if fam is None:
+    return None
+  try:
+    fam.config_to_hf(cfg, arch)
+  except ConfigError:  # e.g. a BERT with rotary positions: transformers' BertModel has none
+    return None
+  return fam
+
+
+def save_pretrained(model: nnx.Module, directory: str) -> str:
+  """Writes HF format where transformers can express the model, else a jaxlm export;
+  returns which ("hf" or "jaxlm")."""
+  cfg = model.config
+  fam = _hf_family(cfg)
+  os.makedirs(directory, exist_ok=True)
+  if fam is not None:
+    arch = cfg.architectures[0]
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(fam.config_to_hf(cfg, arch), f, indent=2, sort_keys=True)
+    write_tensors(fam.params_to_hf(flat_params(model), cfg, arch), directory)
+    return "hf"
+  cfg.save_pretrained(directory)
+  save_file(flat_params(model), os.path.join(directory, WEIGHTS_NAME))
+  return "jaxlm"
+
+
+# models/ cannot import this module (it imports models/): model.save_pretrained(dir)
+# reaches it through this hook, set whenever jaxlm is imported.
+base.PreTrainedModel.saver = staticmethod(save_pretrained)
+
+
+def is_export(raw: dict) -> bool:
+  """Whether a config.json dict is a jaxlm export (new marker, or the runtime keys that
+  exports carried before it)."""
+  return EXPORT_MARKER in raw or bool({"attention_impl", "attention_backend"} & set(raw))
+
+
+def load_config(directory: str) -> tuple[ModelConfig, hf.Family | None]:
+  """(the directory's ModelConfig, its HF family or None for a jaxlm export)."""
+  raw = hf.read_hf_config(directory)
+  arch = (raw.get("architectures") or [None])[0]
+  if not is_export(raw):
+    if arch is None:
+      raise DataError(f"{directory}/config.json: no 'architectures' entry to pick a model class")
+    fam = hf.family_of(arch, f"{directory}/config.json")
+    return fam.config_from_hf(raw).replace(architectures=[arch]), fam
+  if arch is not None and arch not in auto.ARCHITECTURES:
+    raise DataError(f"{directory}/config.json: unknown architecture {arch!r}; supported: "
+                    f"{sorted(auto.ARCHITECTURES)}")
+  # Old exports also carry how they ran (LEGACY_RUNTIME_KEYS): from_dict drops it, and
+  # the caller's Runtime decides.
+  return ModelConfig.from_dict(raw, hf=True), None
+
+
+def from_pretrained(directory: str, *, dtype: str | None = None,
+                    attention_impl: str | None = None, remat: str | None = None,
+                    runtime: Runtime | None = None) -> nnx.Module:
+  """Loads a Hugging Face model directory or a jaxlm export.
+
+  `dtype` (compute dtype), `attention_impl` and `remat` choose how the model runs
+  (defaults: float32, "xla", "none"); parameters keep the checkpoint's dtype.
+  """
+  if not os.path.isdir(directory):
+    raise DataError(f"{directory}: no such model directory")
+  check_weights(directory)
+  runtime = (runtime or Runtime()).replace(dtype=dtype, attention_impl=attention_impl,
+                                           remat=remat)
+  cfg, fam = load_config(directory)
+  model = auto.build_abstract_model(cfg, runtime=runtime)
+  if fam is None:
+    path = os.path.join(directory, WEIGHTS_NAME)
+    return load_params(model, load_file(path), path)
+  arch = cfg.architectures[0]
+  tensors = fam.params_from_hf(read_tensors(directory), cfg, arch, param_shapes(model))
+  return load_params(model, tensors, directory)
