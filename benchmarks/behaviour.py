@@ -28,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("default.py:tiny", "bert_tiny.py:tiny", "gpt2_small.py:tiny", "bloom_tiny.py",
            "t5_small.py:tiny", "mixtral_tiny.py")
 STEPS = 20
-TIMING = ("tokens_per_s", "step_time_s", "mfu", "wall_seconds", "train_seconds")
+TIMING = ("tokens_per_s", "step_time_s", "mfu", "wall_seconds", "train_seconds",
+          "prepare_seconds", "seconds")
 
 
 def _weights_sha(model_dir: str) -> str:
@@ -44,8 +45,11 @@ def _weights_sha(model_dir: str) -> str:
   return h.hexdigest()
 
 
-def _untimed(row: dict) -> dict:
-  return {k: v for k, v in row.items() if k not in TIMING}
+def _untimed(x):
+  """`x` without its timing fields, at any depth."""
+  if isinstance(x, dict):
+    return {k: _untimed(v) for k, v in x.items() if k not in TIMING}
+  return [_untimed(v) for v in x] if isinstance(x, list) else x
 
 
 def run_one(config: str, workdir: str) -> dict:
@@ -109,8 +113,7 @@ def compare(before: str, after: str) -> int:
     b = json.load(f)
   bad = 0
   for config in CONFIGS:
-    diffs = _diff({k: v for k, v in a["runs"][config].items() if k != "seconds"},
-                  {k: v for k, v in b["runs"][config].items() if k != "seconds"})
+    diffs = _diff(_untimed(a["runs"][config]), _untimed(b["runs"][config]))
     n_rows = len(a["runs"][config].get("metrics", []))
     print(f"{config:20s} {'identical' if not diffs else f'{len(diffs)} differences'} "
           f"({n_rows} metric rows, weights {a['runs'][config].get('weights_sha256', '?')[:12]})")

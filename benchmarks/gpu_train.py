@@ -47,21 +47,21 @@ def build(impl: str, *, tiny: bool, seq: int, vocab: int, remat: str):
   cfg.train.precision = "bf16"
   cfg.train.update(warmup_steps=0, decay="constant")
   mc = experiment.model_config(cfg).replace(
-      vocab_size=vocab, pad_token_id=0, eos_token_id=1, attention_impl=impl, remat=remat,
-      max_position_embeddings=max(seq, 128))
-  model = auto.build_model(mc, seed=0)
+      vocab_size=vocab, pad_token_id=0, eos_token_id=1, max_position_embeddings=max(seq, 128))
+  rt = experiment.runtime(cfg).replace(attention_impl=impl, remat=remat)
+  model = auto.build_model(mc, runtime=rt, seed=0)
   graphdef, params = nnx.split(model, nnx.Param)
   tx, _ = make_optimizer(cfg.train)
   return mc, graphdef, params, tx
 
 
 def run_impl(impl: str, a) -> dict:
-  from jaxlm import analysis
+  from jaxlm import analysis, tasks
   from jaxlm.train.steps import make_train_step
   t0 = time.perf_counter()
   mc, graphdef, params, tx = build(impl, tiny=a.tiny, seq=a.seq, vocab=a.vocab, remat=a.remat)
   opt_state = jax.jit(tx.init)(params)
-  step = make_train_step(graphdef, tx, seed=0, dropout=False, objective="causal")
+  step = make_train_step(graphdef, tx, tasks.get("causal"), seed=0, dropout=False)
   batch = jax.device_put(causal_batch(np.random.default_rng(0), a.batch, a.seq, a.vocab))
   params, opt_state, m = step(params, opt_state, batch, 0)
   loss0 = float(m["loss"])

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import bert_batch, causal_batch, write_json  # noqa: E402  (benchmarks/common.py)
 from configs import bert_tiny, llama_1b  # noqa: E402
-from jaxlm import experiment  # noqa: E402
+from jaxlm import experiment, tasks  # noqa: E402
 from jaxlm.models import auto  # noqa: E402
 from jaxlm.train.optim import make_optimizer  # noqa: E402
 from jaxlm.train.steps import make_train_step  # noqa: E402
@@ -46,10 +46,11 @@ def setups():
 def time_steps(cfg, objective, make_batch, B, T, precision, steps):
   cfg.train.precision = precision
   mc = experiment.model_config(cfg).replace(vocab_size=8192, pad_token_id=0, eos_token_id=1)
-  graphdef, params = nnx.split(auto.build_model(mc, seed=0), nnx.Param)
+  model = auto.build_model(mc, runtime=experiment.runtime(cfg), seed=0)
+  graphdef, params = nnx.split(model, nnx.Param)
   tx, _ = make_optimizer(cfg.train)
   opt_state = tx.init(params)
-  step = make_train_step(graphdef, tx, seed=0, dropout=False, objective=objective)
+  step = make_train_step(graphdef, tx, tasks.get(objective), seed=0, dropout=False)
   batch = jax.device_put(make_batch(np.random.default_rng(0), B, T, 8192))
   params, opt_state, m = step(params, opt_state, batch, 0)  # compile
   jax.block_until_ready(m)

@@ -26,12 +26,12 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 import train_throughput as tt  # noqa: E402  (benchmarks/train_throughput.py)
 from common import write_json  # noqa: E402
@@ -47,8 +47,7 @@ def main() -> None:
   ap.add_argument("--top", type=int, default=15)
   ap.add_argument("--out", default=None)
   a = ap.parse_args()
-  from jaxlm import analysis
-  from jaxlm.data.objectives import vocab_positions_fraction
+  from jaxlm import analysis, tasks
   B, T = tt.DEFAULT_SHAPE[a.model]
   step, params, opt_state, batch, mc, objective = tt.jaxlm_train_state(a.model, a.precision,
                                                                        B, T)
@@ -77,8 +76,9 @@ def main() -> None:
       total[kind] += e["dur"] / 1e6 / a.steps
       count[kind] += 1
   step_s = statistics.median(times[3:])
+  data = types.SimpleNamespace(max_seq_len=T, mask_prob=0.15)
   flops = analysis.training_flops_per_token(
-      mc, T, vocab_positions_fraction(objective, T, mask_prob=0.15))
+      mc, T, tasks.get(objective).vocab_positions_fraction(data))
   peak = analysis.measure_cpu()["peak_flops" if a.precision == "bf16" else "peak_flops_f32"]
   rows = [{"op": k, "s_per_step": v, "share_of_step": v / step_s,
            "count_per_step": count[k] // a.steps} for k, v in total.most_common(a.top)]

@@ -71,7 +71,7 @@ def jaxlm_train_state(model: str, precision: str, B: int, T: int):
   train step on one synthetic batch, as this benchmark runs it."""
   import jax
   from flax import nnx
-  from jaxlm import experiment
+  from jaxlm import experiment, tasks
   from jaxlm.models import auto
   from jaxlm.train.optim import make_optimizer
   from jaxlm.train.steps import make_train_step
@@ -83,10 +83,11 @@ def jaxlm_train_state(model: str, precision: str, B: int, T: int):
   # rope_scaling dropped: plain RoPE on both sides (Llama)
   mc = experiment.model_config(cfg).replace(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1,
                                             rope_scaling=None)
-  graphdef, params = nnx.split(auto.build_model(mc, seed=0), nnx.Param)
+  model = auto.build_model(mc, runtime=experiment.runtime(cfg), seed=0)
+  graphdef, params = nnx.split(model, nnx.Param)
   tx, _ = make_optimizer(cfg.train)
   opt_state = tx.init(params)
-  step = make_train_step(graphdef, tx, seed=0, dropout=False, objective=objective)
+  step = make_train_step(graphdef, tx, tasks.get(objective), seed=0, dropout=False)
   batch = jax.device_put(make_batch(np.random.default_rng(0), B, T, VOCAB))
   return step, params, opt_state, batch, mc, objective
 

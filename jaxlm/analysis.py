@@ -65,14 +65,13 @@ Roofline
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import time
 import types
 from typing import Any
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import ModelConfig, Runtime
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 
@@ -188,10 +187,12 @@ def _summary(total, embedding, lm_head, expert, mc) -> dict[str, int]:
 def param_table(model) -> list[dict[str, Any]]:
   """One row per parameter of an (abstract) model: name, shape, dtype, logical axes."""
   from flax import nnx
+
+  from jaxlm.params import path_name
   rows = []
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     value = var.get_value()
-    rows.append(dict(name=".".join(str(p) for p in path), shape=tuple(value.shape),
+    rows.append(dict(name=path_name(path), shape=tuple(value.shape),
                      dtype=str(value.dtype), axes=var.get_metadata().get("axes")))
   return rows
 
@@ -257,11 +258,12 @@ def per_device_params(rows, rules, mesh: dict[str, int]) -> float:
              for r in rows)
 
 
-def layer_activation_bytes(mc: ModelConfig, T: int, tensor: int, remat: str) -> float:
+def layer_activation_bytes(mc: ModelConfig, rt: Runtime, T: int, tensor: int,
+                           remat: str) -> float:
   """Saved activations of one block for one sequence (module docstring)."""
   D, hd, Hq, Hkv = mc.hidden_size, mc.head_size, mc.num_attention_heads, mc.kv_heads
-  b = DTYPE_BYTES[mc.dtype]
-  scores = mc.attention_impl == "xla"
+  b = DTYPE_BYTES[rt.dtype]
+  scores = rt.attention_impl == "xla"
   none = b / 2 * (10 * T * D + (24 * T * D + (5 * Hq * T * T if scores else 0)) / tensor)
   if remat == "none":
     return none
@@ -275,7 +277,8 @@ def layer_activation_bytes(mc: ModelConfig, T: int, tensor: int, remat: str) -> 
 
 
 def training_memory(mc: ModelConfig, rows, *, rules, mesh: dict[str, int], seq_len: int,
-                    batch: int, grad_accum: int = 1, optimizer: str = "adamw") -> dict:
+                    batch: int, grad_accum: int = 1, optimizer: str = "adamw",
+                    runtime: Runtime = Runtime()) -> dict:
   p_bytes = DTYPE_BYTES[mc.param_dtype]
   n_dev = per_device_params(rows, rules, mesh)
   moments = 2 if optimizer == "adamw" else 1
@@ -284,10 +287,10 @@ def training_memory(mc: ModelConfig, rows, *, rules, mesh: dict[str, int], seq_l
   T, t = seq_len, mesh["tensor"]
   layers = (mc.num_hidden_layers + mc.decoder_layers if arch_of(mc) in _SEQ2SEQ
             else mc.num_hidden_layers)
-  per_layer = layer_activation_bytes(mc, T, t, mc.remat)
+  per_layer = layer_activation_bytes(mc, runtime, T, t, runtime.remat)
   act = layers * per_layer
-  if mc.remat != "none":  # recomputing one block needs its full working set
-    act += layer_activation_bytes(mc, T, t, "none")
+  if runtime.remat != "none":  # recomputing one block needs its full working set
+    act += layer_activation_bytes(mc, runtime, T, t, "none")
   act = seqs * (act + 4 * T * mc.vocab_size / t)
   out = dict(params_per_device=n_dev, params=n_dev * p_bytes, grads=n_dev * p_bytes,
              optimizer=moments * n_dev * p_bytes, activations=act,
@@ -302,12 +305,11 @@ def kv_cache_bytes_per_token(mc: ModelConfig, dtype_bytes: int) -> int:
   return 2 * mc.decoder_layers * mc.kv_heads * mc.head_size * dtype_bytes
 
 
-def inference_memory(mc: ModelConfig, total_params: int) -> dict:
+def inference_memory(mc: ModelConfig, total_params: int, kv_dtype: str = "float32") -> dict:
   context = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
-  b = DTYPE_BYTES[mc.dtype]
-  per_token = kv_cache_bytes_per_token(mc, b)
+  per_token = kv_cache_bytes_per_token(mc, DTYPE_BYTES[kv_dtype])
   return dict(weights={k: total_params * DTYPE_BYTES[k] for k in ("float32", "bfloat16", "int8")},
-              kv_dtype=mc.dtype, kv_per_token=per_token, context=context,
+              kv_dtype=kv_dtype, kv_per_token=per_token, context=context,
               kv_at_context=per_token * context)
 
 
@@ -350,11 +352,11 @@ def device_spec(name: str, dtype: str = "bfloat16") -> dict:
 
 
 def roofline(mc: ModelConfig, flops_per_token: float, train_mem: dict, *, device: dict,
-             seq_len: int, batch: int, num_devices: int) -> dict:
+             seq_len: int, batch: int, num_devices: int, runtime: Runtime = Runtime()) -> dict:
   tokens = seq_len * batch
   flops = flops_per_token * tokens / num_devices
   n = train_mem["params_per_device"]
-  p, c = DTYPE_BYTES[mc.param_dtype], DTYPE_BYTES[mc.dtype]
+  p, c = DTYPE_BYTES[mc.param_dtype], DTYPE_BYTES[runtime.dtype]
   # optimizer: params r/w, grads w/r, each moment r/w; model: 3 weight reads; activations w/r
   moments = train_mem["optimizer"] / (p * n) if n else 2
   hbm = n * p * (2 + 2 + 2 * moments) + 3 * n * c + 2 * train_mem["activations"]
@@ -367,26 +369,28 @@ def roofline(mc: ModelConfig, flops_per_token: float, train_mem: dict, *, device
 
 
 def report(mc: ModelConfig, rows, *, rules, mesh: dict[str, int], seq_len: int, batch: int,
-           device: dict, grad_accum: int = 1, optimizer: str = "adamw") -> dict:
+           device: dict, grad_accum: int = 1, optimizer: str = "adamw",
+           runtime: Runtime = Runtime()) -> dict:
   counted = abstract_params(rows, mc)
   closed = closed_form_params(mc)
   flops = training_flops_per_token(mc, seq_len)
   mem = training_memory(mc, rows, rules=rules, mesh=mesh, seq_len=seq_len, batch=batch,
-                        grad_accum=grad_accum, optimizer=optimizer)
+                        grad_accum=grad_accum, optimizer=optimizer, runtime=runtime)
   num_devices = math.prod(mesh.values())
   roof = roofline(mc, flops["total"], mem, device=device, seq_len=seq_len, batch=batch,
-                  num_devices=num_devices)
+                  num_devices=num_devices, runtime=runtime)
   return dict(
       model=dict(architecture=arch_of(mc), hidden_size=mc.hidden_size,
                  layers=mc.num_hidden_layers, heads=mc.num_attention_heads,
                  kv_heads=mc.kv_heads, head_size=mc.head_size,
                  intermediate_size=mc.intermediate_size, vocab_size=mc.vocab_size,
-                 experts=mc.num_local_experts, dtype=mc.dtype, param_dtype=mc.param_dtype,
-                 remat=mc.remat, attention_impl=mc.attention_impl),
+                 experts=mc.num_local_experts, dtype=runtime.dtype,
+                 param_dtype=mc.param_dtype, remat=runtime.remat,
+                 attention_impl=runtime.attention_impl),
       parameters=dict(counted, closed_form=closed, closed_form_matches=closed == counted),
       training_flops_per_token=flops,
       training_memory_per_device=mem,
-      inference_memory=inference_memory(mc, counted["total"]),
+      inference_memory=inference_memory(mc, counted["total"], runtime.dtype),
       roofline=dict(roof, device={k: v for k, v in device.items()}),
       run=dict(seq_len=seq_len, batch=batch, grad_accum=grad_accum, mesh=mesh,
                num_devices=num_devices, optimizer=optimizer),

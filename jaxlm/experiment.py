@@ -8,29 +8,29 @@ cross-section constraints before anything is compiled or written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import ml_collections
 
-from jaxlm.config import ModelConfig
-from jaxlm.data.objectives import BERT_OBJECTIVES, OBJECTIVES, SPAN, span_counts
+from jaxlm import tasks
+from jaxlm.config import ModelConfig, Runtime
 from jaxlm.errors import ConfigError
 from jaxlm.parallel.rules import DEFAULT_RULES
 
+# model.* keys that say how the model runs (jaxlm.config.Runtime), not what it is.
+RUNTIME_KEYS = tuple(f.name for f in dataclasses.fields(Runtime))
 # model.* keys that are training choices, not architecture: under model.init_from the
 # config file may set them; every other model key comes from the pretrained checkpoint.
-RUNTIME_MODEL_KEYS = ("dtype", "attention_impl", "hidden_dropout_prob",
-                      "attention_probs_dropout_prob", "remat")
-# The model classes each objective trains (their heads and call signatures differ).
-_BERT_PRETRAINING = ("BertForPreTraining",)
-_SEQ2SEQ = ("T5ForConditionalGeneration",)
+RUNTIME_MODEL_KEYS = (*RUNTIME_KEYS, "hidden_dropout_prob", "attention_probs_dropout_prob")
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
+  c.model.update(dataclasses.asdict(Runtime()))  # dtype, attention_impl, remat
   c.model.architectures = ["BertForPreTraining"]
   # A pretrained checkpoint (HF or jaxlm export) to start from; it then decides the
   # architecture and the tokenizer (not a ModelConfig field).
@@ -64,7 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.path = ""  # a ready-made tokenizer.json / vocab.txt / spm .model instead
 
   c.train = ml_collections.ConfigDict()
-  # "mlm" | "nsp" | "mlm+nsp" (BERT) | "causal" (decoders) | "span_corruption" (T5)
+  # A registered task (jaxlm/tasks/): "mlm" | "nsp" | "mlm+nsp" | "sop" (BERT),
+  # "causal" (decoders), "span_corruption" (T5)
   c.train.objective = "mlm+nsp"
   c.train.steps = 1000
   c.train.batch_size = 32
@@ -122,45 +123,29 @@ def _check_keys(cfg, schema, prefix: str = "") -> None:
 
 
 def model_config(cfg) -> ModelConfig:
+  """The architecture the config file describes (train.precision may set param_dtype)."""
   d = cfg.model.to_dict()
-  d.pop("init_from", None)
+  for key in ("init_from", *RUNTIME_KEYS):
+    d.pop(key, None)
   return with_precision(cfg, ModelConfig.from_dict(d))
 
 
-def with_precision(cfg, model: ModelConfig) -> ModelConfig:
-  """train.precision, when set, decides the compute dtype; parameters (and so the
-  optimizer state) stay float32."""
+def runtime(cfg) -> Runtime:
+  """How the model runs: model.dtype (or train.precision), attention_impl, remat."""
+  rt = Runtime(**{k: cfg.model[k] for k in RUNTIME_KEYS})
   dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(cfg.train.precision)
-  return model if dtype is None else model.replace(dtype=dtype, param_dtype="float32")
+  return rt if dtype is None else rt.replace(dtype=dtype)
 
 
-def _decoder_architectures() -> frozenset[str]:
-  from jaxlm.models import decoder  # models import flax: only when validating
-  return frozenset(decoder.ARCHITECTURES)
+def with_precision(cfg, model: ModelConfig) -> ModelConfig:
+  """train.precision, when set, keeps parameters (and so the optimizer state) in float32;
+  `runtime` sets the compute dtype."""
+  return model if not cfg.train.precision else model.replace(param_dtype="float32")
 
 
-def check_objective(objective: str, model: ModelConfig, source: str = "model.architectures"):
-  """The objective must fit the model class: its heads and call signature differ."""
-  if objective not in OBJECTIVES:
-    raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {objective!r}")
-  arch = (model.architectures or ["BertForPreTraining"])[0]
-  if objective == "causal":
-    if arch not in _decoder_architectures():
-      raise ConfigError(
-          f"train.objective='causal' needs a decoder-only model, but {source} names "
-          f"{arch!r}; use one of {sorted(_decoder_architectures())} (or a BERT objective "
-          f"{BERT_OBJECTIVES})")
-    if not model.causal:
-      raise ConfigError("train.objective='causal' needs model.causal=True (otherwise "
-                        "every token sees the one it must predict)")
-  elif objective == SPAN:
-    if arch not in _SEQ2SEQ:
-      raise ConfigError(f"train.objective={SPAN!r} needs an encoder-decoder model, but "
-                        f"{source} names {arch!r}; use {_SEQ2SEQ[0]}")
-  elif arch not in _BERT_PRETRAINING:
-    raise ConfigError(
-        f"train.objective={objective!r} trains {_BERT_PRETRAINING[0]} (MLM and NSP heads), "
-        f"but {source} names {arch!r}; use train.objective='causal' for decoder models")
+def task_of(cfg) -> tasks.Task:
+  """The task train.objective names: the one registry lookup of a run."""
+  return tasks.get(cfg.train.objective)
 
 
 def check_seq_len(cfg, model: ModelConfig, source: str = "model") -> None:
@@ -204,7 +189,7 @@ def pretrained_model_config(cfg, pretrained: ModelConfig) -> ModelConfig:
   theirs = plain(pretrained.to_dict())
   overrides = {}
   for key, value in mine.items():
-    if key == "init_from" or value == default.get(key) or value == theirs.get(key):
+    if key in ("init_from", *RUNTIME_KEYS) or value == default.get(key) or value == theirs.get(key):
       continue
     if key in RUNTIME_MODEL_KEYS:
       overrides[key] = value
@@ -214,7 +199,7 @@ def pretrained_model_config(cfg, pretrained: ModelConfig) -> ModelConfig:
           f"{cfg.model.init_from} has {theirs.get(key)!r}; the architecture comes from "
           "the checkpoint, so drop the key (or match it)")
   out = with_precision(cfg, pretrained.replace(**overrides))
-  check_objective(cfg.train.objective, out, f"model.init_from={cfg.model.init_from}")
+  task_of(cfg).check_model(out, f"model.init_from={cfg.model.init_from}")
   check_seq_len(cfg, out, f"model.init_from={cfg.model.init_from}")
   return out
 
@@ -223,7 +208,9 @@ def validate(cfg) -> ModelConfig:
   """Checks the whole experiment config; returns its ModelConfig (under model.init_from,
   the config file's; `pretrained_model_config` then checks it against the checkpoint)."""
   _check_keys(cfg, base_config())
+  task = task_of(cfg)
   model = model_config(cfg)
+  runtime(cfg)  # its choices are checked on construction
   d, t = cfg.data, cfg.train
   if cfg.model.init_from:
     if cfg.tokenizer.path and (os.path.abspath(cfg.tokenizer.path)
@@ -232,10 +219,10 @@ def validate(cfg) -> ModelConfig:
                         f"{cfg.model.init_from}; leave tokenizer.path empty")
     archs = pretrained_architectures(cfg.model.init_from)
     # The class check only; the loaded config gets the full one (model.causal, lengths).
-    check_objective(t.objective, ModelConfig(architectures=archs, causal=True),
-                    f"model.init_from={cfg.model.init_from}")
+    task.check_model(ModelConfig(architectures=archs, causal=True),
+                     f"model.init_from={cfg.model.init_from}")
   else:
-    check_objective(t.objective, model)
+    task.check_model(model, "model.architectures")
     check_seq_len(cfg, model)
   if d.max_seq_len < 8:
     raise ConfigError(f"data.max_seq_len must be >= 8, got {d.max_seq_len}")
@@ -245,12 +232,6 @@ def validate(cfg) -> ModelConfig:
     raise ConfigError(f"data.noise_density must be in (0, 1), got {d.noise_density}")
   if d.mean_noise_span_length < 1.0:
     raise ConfigError(f"data.mean_noise_span_length must be >= 1, got {d.mean_noise_span_length}")
-  if t.objective == SPAN:
-    spans = span_counts(d.max_seq_len * 2, d.noise_density, d.mean_noise_span_length)[1]
-    if d.num_sentinels < spans:
-      raise ConfigError(f"data.num_sentinels ({d.num_sentinels}) is below the number of noise "
-                        f"spans a row can have (up to {spans} at data.max_seq_len="
-                        f"{d.max_seq_len})")
   for key in ("steps", "batch_size", "eval_every", "log_every"):
     if t[key] <= 0:
       raise ConfigError(f"train.{key} must be positive, got {t[key]}")
@@ -278,9 +259,7 @@ def validate(cfg) -> ModelConfig:
   if e.samples < 0 or e.sample_prompt_tokens < 1 or e.sample_new_tokens < 1:
     raise ConfigError("eval.samples must be >= 0, eval.sample_prompt_tokens and "
                       "eval.sample_new_tokens >= 1")
-  if t.objective == "causal" and e.samples and e.sample_prompt_tokens >= d.max_seq_len:
-    raise ConfigError(f"eval.sample_prompt_tokens ({e.sample_prompt_tokens}) must be below "
-                      f"data.max_seq_len ({d.max_seq_len})")
+  task.validate(cfg)
   return model
 
 

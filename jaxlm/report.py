@@ -55,39 +55,32 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def _hf_model_config(directory: str):
-  """The ModelConfig `auto.from_pretrained` would build, without reading the weights."""
-  from jaxlm.config import ModelConfig
+  """The ModelConfig `jaxlm.from_pretrained` would build, without reading the weights."""
   from jaxlm.errors import DataError
-  from jaxlm.hf.convert import family_of, read_hf_config
+  from jaxlm.pretrained import load_config
   if not os.path.isdir(directory):
     raise DataError(f"--hf: {directory}: no such model directory")
-  raw = read_hf_config(directory)
-  if "attention_impl" in raw or "attention_backend" in raw:  # a jaxlm export
-    return ModelConfig.from_pretrained(directory)
-  archs = raw.get("architectures") or []
-  if not archs:
-    raise DataError(f"{directory}/config.json: no 'architectures' entry")
-  fam = family_of(archs[0], f"{directory}/config.json")
-  return fam.config_from_hf(raw).replace(architectures=[archs[0]])
+  return load_config(directory)[0]
 
 
 def build(cfg, hf_dir, mesh_text, device, seq_len, batch) -> dict:
   """The report dict (analysis.report) for a config or an HF directory."""
   from jaxlm import analysis, experiment
+  from jaxlm.config import Runtime
   from jaxlm.models import auto
   from jaxlm.parallel.mesh import mesh_shape
   from jaxlm.parallel.rules import DEFAULT_RULES
   if device not in analysis.DEVICE_CHOICES:
     raise ValueError(f"--device: unknown device {device!r}; choose one of "
                      f"{', '.join(analysis.DEVICE_CHOICES)}")
-  grad_accum, optimizer = 1, "adamw"
+  grad_accum, optimizer, rt = 1, "adamw", Runtime()
   if hf_dir is not None:
     mc = _hf_model_config(hf_dir)
     rules, mesh = DEFAULT_RULES, dict(data=1, fsdp=1, tensor=1, expert=1)
     seq_len = seq_len or min(2048, mc.max_position_embeddings)
     batch = batch or 8
   else:
-    mc = experiment.model_config(cfg)
+    mc, rt = experiment.model_config(cfg), experiment.runtime(cfg)
     rules = tuple(cfg.mesh.rules)
     mesh = {a: (1 if int(cfg.mesh[a]) == -1 else int(cfg.mesh[a])) for a in cfg.mesh
             if a != "rules"}
@@ -99,10 +92,10 @@ def build(cfg, hf_dir, mesh_text, device, seq_len, batch) -> dict:
     mesh = parse_mesh(mesh_text)
   if seq_len <= 0 or batch <= 0:
     raise ValueError("--seq_len and --batch must be positive")
-  rows = analysis.param_table(auto.build_abstract_model(mc))
-  spec = analysis.device_spec(device, "float32" if mc.dtype == "float32" else "bfloat16")
+  rows = analysis.param_table(auto.build_abstract_model(mc, runtime=rt))
+  spec = analysis.device_spec(device, "float32" if rt.dtype == "float32" else "bfloat16")
   out = analysis.report(mc, rows, rules=rules, mesh=mesh, seq_len=seq_len, batch=batch,
-                        device=spec, grad_accum=grad_accum, optimizer=optimizer)
+                        device=spec, grad_accum=grad_accum, optimizer=optimizer, runtime=rt)
   out["source"] = hf_dir if hf_dir is not None else "config"
   return out
 

@@ -19,7 +19,6 @@ import shutil
 import sys
 
 import jax
-import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -48,7 +47,7 @@ def sharding_report(cfg, workdir: str) -> dict:
   device holds (1/8 under fsdp=8)."""
   mesh = make_mesh(cfg.mesh)
   with jax.set_mesh(mesh):
-    _, model = loop.setup(cfg, workdir, mesh)
+    _, model, _ = loop.setup(cfg, workdir, mesh)
     _, params, _, _, opt_state, _ = loop.sharded_train_state(model, cfg, mesh)
   out = {}
   for kind, tree in (("param", params), ("moment", opt_state)):

@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 
 import jaxlm
-from jaxlm import ConfigError
+from conftest import FIXTURES
+from jaxlm import ConfigError, Runtime
 from jaxlm.layers.attention import resolve_impl
 from jaxlm.models import auto
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 # Every attention variant of the zoo: learned positions (gpt2), GQA + RoPE (llama),
 # sliding window (mistral), ALiBi (bloom, mpt), partial rotary + parallel residual
 # (gpt_neox), MoE (mixtral), bidirectional encoders with padding (bert, distilbert).
@@ -24,7 +24,7 @@ FAMILIES = ("gpt2", "llama", "mistral", "bloom", "mpt", "gpt_neox", "mixtral", "
 
 
 def with_impl(model, impl):
-  other = auto.build_abstract_model(model.config.replace(attention_impl=impl))
+  other = auto.build_abstract_model(model.config, runtime=Runtime(attention_impl=impl))
   nnx.update(other, nnx.state(model, nnx.Param))
   return other
 
@@ -87,7 +87,7 @@ def test_impl_switch_errors_and_auto():
     resolve_impl("cudnn")
   cfg = jaxlm.from_pretrained(os.path.join(FIXTURES, "t5")).config
   with pytest.raises(ConfigError, match="relative positions"):
-    auto.build_abstract_model(cfg.replace(attention_impl="pallas"))
-  auto.build_abstract_model(cfg.replace(attention_impl="auto"))  # falls back to xla
+    auto.build_abstract_model(cfg, runtime=Runtime(attention_impl="pallas"))
+  auto.build_abstract_model(cfg, runtime=Runtime(attention_impl="auto"))  # falls back to xla
   with pytest.raises(ConfigError, match="model.attention_impl must be one of"):
-    cfg.replace(attention_impl="flash")
+    Runtime(attention_impl="flash")

@@ -3,8 +3,6 @@ training end to end, resume, and starting from a pretrained checkpoint."""
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,37 +11,33 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from jaxlm import experiment
+import jaxlm
+from jaxlm import experiment, tasks
 from jaxlm.data import pipeline
 from jaxlm.data.corpus import prepare_corpus
 from jaxlm.data.objectives import causal_example, pack_plan
 from jaxlm.errors import ConfigError
 from jaxlm.models import auto
 from jaxlm.train import loop
-from jaxlm.train.steps import causal_lm_stats
+from jaxlm.train.evaluator import Evaluator
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from configs import (bert_tiny, bloom_tiny, gpt2_small, llama_1b, mistral_7b,  # noqa: E402
-                     mixtral_8x7b)
+from configs import bert_tiny, bloom_tiny, gpt2_small, llama_1b, mistral_7b, mixtral_8x7b
+from conftest import quiet
 
 TINY_DECODERS = {"gpt2_small": gpt2_small, "llama_1b": llama_1b, "mistral_7b": mistral_7b,
                  "bloom_tiny": bloom_tiny, "mixtral_8x7b": mixtral_8x7b}
 WORDS = "the king queen sword crown night storm ghost blood honour love death".split()
 
 
-def quiet(_):
-  pass
-
-
 # ---- packing: a packed row computes exactly what the documents compute alone ----------
 @pytest.mark.parametrize("name", sorted(TINY_DECODERS))
 def test_packed_loss_equals_documents_one_by_one(name):
   cfg = TINY_DECODERS[name].get_config("tiny")
-  model = auto.build_model(experiment.model_config(cfg).replace(vocab_size=97), seed=1)
+  model = auto.build_model(experiment.model_config(cfg).replace(vocab_size=97),
+                           runtime=experiment.runtime(cfg), seed=1)
   graphdef, state = nnx.split(model)
   # Jitted, and every row [1, 64]: few compiles (eager dispatch is slower still).
-  stats_fn = jax.jit(lambda b: causal_lm_stats(nnx.merge(graphdef, state), b))
+  stats_fn = jax.jit(lambda b: tasks.get("causal").stats(nnx.merge(graphdef, state), b))
 
   @jax.jit
   def logits_fn(ids_BT, mask_BT, segment_ids_BT):
@@ -117,7 +111,7 @@ def test_packed_rows_segments_positions_targets(small):
   c, cfg = small
   tok = c.tokenizer
   eod = pipeline.end_of_document_id(tok)
-  it = pipeline.train_iterator(c, cfg.data, objective="causal", batch_size=64, seed=0)
+  it = tasks.get("causal").train_iterator(c, cfg.data, batch_size=64, seed=0)
   batch = next(it)
   assert batch["input_ids"].shape == (64, 32)
   assert batch["attention_mask"].mean() > 0.8  # packing leaves little padding
@@ -144,27 +138,27 @@ def test_packed_rows_segments_positions_targets(small):
 
 def test_causal_iterator_state_resumes_exactly(small):
   c, cfg = small
-  it = pipeline.train_iterator(c, cfg.data, objective="causal", batch_size=8, seed=3)
+  it = tasks.get("causal").train_iterator(c, cfg.data, batch_size=8, seed=3)
   for _ in range(12):  # past the end of the first epoch: reshuffled rows
     next(it)
   state = it.get_state()
   json.dumps(state)
   expected = [next(it) for _ in range(3)]
-  it2 = pipeline.train_iterator(c, cfg.data, objective="causal", batch_size=8, seed=3)
+  it2 = tasks.get("causal").train_iterator(c, cfg.data, batch_size=8, seed=3)
   it2.set_state(state)
   for want in expected:
     got = next(it2)
     for k in want:
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-  other = next(pipeline.train_iterator(c, cfg.data, objective="causal", batch_size=8, seed=4))
+  other = next(tasks.get("causal").train_iterator(c, cfg.data, batch_size=8, seed=4))
   assert not np.array_equal(other["input_ids"], expected[0]["input_ids"])
 
 
 def test_causal_eval_batches_cover_the_split(small):
   c, cfg = small
   s = c.splits["validation"]
-  n = pipeline.num_eval_examples(c, "validation", cfg.data, "causal", seed=1)
-  batches = list(pipeline.eval_batches(c, "validation", cfg.data, objective="causal",
+  n = len(tasks.get("causal").examples(c, "validation", cfg.data, 0).source)
+  batches = list(tasks.get("causal").eval_batches(c, "validation", cfg.data,
                                        batch_size=3, seed=1))
   assert sum(b["example_weight"].sum() for b in batches) == n
   real = sum(float((b["attention_mask"] * b["example_weight"][:, None]).sum()) for b in batches)
@@ -204,20 +198,11 @@ def test_full_size_configs_validate_and_build_abstractly(name):
 
 
 # ---- training end to end -----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_corpus(tmp_path_factory):
-  """The embedded corpus as every `:tiny` decoder config prepares it (they share it)."""
-  cfg = gpt2_small.get_config("tiny")
-  path = tmp_path_factory.mktemp("corpus") / "data"
-  prepare_corpus(cfg.data, cfg.tokenizer, str(path), log=quiet)
-  return path
-
-
 def val_loss_at_init(cfg, workdir) -> float:
-  corpus, model = loop.setup(cfg, str(workdir))
+  corpus, model, task = loop.setup(cfg, str(workdir))
   graphdef, params = nnx.split(model, nnx.Param)
-  return loop.Evaluator(corpus, cfg, graphdef, model.config.vocab_size)(params,
-                                                                       "validation")["loss"]
+  evaluator = Evaluator(corpus, cfg, graphdef, task, model.config.vocab_size)
+  return evaluator(params, "validation")["loss"]
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +299,7 @@ def test_init_from_conflicts_name_the_key(tmp_path):
   cfg = gpt2_small.get_config("tiny")
   model_cfg = experiment.model_config(cfg).replace(vocab_size=64)
   pretrained = tmp_path / "pretrained"
-  auto.save_pretrained(auto.build_model(model_cfg), str(pretrained))
+  jaxlm.save_pretrained(auto.build_model(model_cfg), str(pretrained))
   cfg.model.init_from = str(pretrained)
   cfg.train.objective = "mlm"
   with pytest.raises(ConfigError, match="train.objective"):
@@ -322,10 +307,10 @@ def test_init_from_conflicts_name_the_key(tmp_path):
   cfg.train.objective = "causal"
   cfg.model.hidden_size = 128
   with pytest.raises(ConfigError, match="model.hidden_size"):
-    experiment.pretrained_model_config(cfg, auto.from_pretrained(str(pretrained)).config)
+    experiment.pretrained_model_config(cfg, jaxlm.from_pretrained(str(pretrained)).config)
   cfg.model.hidden_size = 64
   cfg.model.hidden_dropout_prob = 0.2  # a training choice, not architecture: allowed
-  got = experiment.pretrained_model_config(cfg, auto.from_pretrained(str(pretrained)).config)
+  got = experiment.pretrained_model_config(cfg, jaxlm.from_pretrained(str(pretrained)).config)
   assert got.hidden_dropout_prob == 0.2 and got.vocab_size == 64
   cfg.tokenizer.path = str(tmp_path)
   with pytest.raises(ConfigError, match="tokenizer.path"):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm import ModelConfig, build_model
-from jaxlm.layers.attention import Attention, causal_mask, dot_product_attention, padding_mask
+from jaxlm import ModelConfig, Runtime, build_model
+from jaxlm.layers.attention import causal_mask, dot_product_attention, padding_mask
 
 CFG = ModelConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=64, max_position_embeddings=32)
@@ -58,7 +58,7 @@ def test_masked_positions_gather_equals_full_logits():
 
 def test_bf16_compute_close_to_f32():
   m32 = build_model(CFG)
-  m16 = build_model(CFG.replace(dtype="bfloat16"))
+  m16 = build_model(CFG, runtime=Runtime(dtype="bfloat16"))
   ids = jax.random.randint(jax.random.key(2), (2, 12), 5, 97)
   a, b = m32(ids).logits, m16(ids).logits
   assert nnx.state(m16, nnx.Param)["bert"]["pooler"]["kernel"][...].dtype == jnp.float32

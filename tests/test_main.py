@@ -14,10 +14,9 @@ import pytest
 from safetensors.numpy import load_file
 
 import jaxlm
-from jaxlm.data.corpus import prepare_corpus
+from conftest import REPO, fresh_workdir
 from jaxlm.data.tokenizer import Tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = f"--config={REPO / 'configs/default.py'}:tiny"
 
 pytestmark = pytest.mark.slow
@@ -28,23 +27,6 @@ def run_main(workdir, *args, config=TINY, env=None):
   full_env = {**os.environ, **(env or {})}
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=full_env,
                         timeout=600)
-
-
-@pytest.fixture(scope="session")
-def tiny_corpus(tmp_path_factory):
-  """The tiny config's prepared corpus, built once and copied into each workdir."""
-  sys.path.insert(0, str(REPO))
-  from configs import default
-  cfg = default.get_config("tiny")
-  path = tmp_path_factory.mktemp("corpus") / "data"
-  prepare_corpus(cfg.data, cfg.tokenizer, str(path), log=lambda _: None)
-  return path
-
-
-def fresh_workdir(tmp_path, tiny_corpus, name="run"):
-  wd = tmp_path / name
-  shutil.copytree(tiny_corpus, wd / "data")
-  return wd
 
 
 def rows(workdir):

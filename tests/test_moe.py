@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 import jaxlm
 from jaxlm import ConfigError, DataError, ModelConfig, build_model
-from jaxlm.hf.convert import family_of, read_hf_config
+from jaxlm.hf import family_of, read_hf_config
 from jaxlm.layers.moe import (_ROUTER_STATS, MoE, capacity, pop_router_stats, route,
                               router_losses)
 from jaxlm.models.base import router_outputs

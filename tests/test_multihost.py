@@ -5,7 +5,6 @@ process with 8 devices does, and only the primary process writes the shared file
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,13 +18,10 @@ import portpicker
 import pytest
 from safetensors.numpy import load_file
 
-from jaxlm.data.corpus import prepare_corpus
 from jaxlm.errors import ConfigError
 from jaxlm.parallel import distributed
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from configs import llama_1b  # noqa: E402
+from conftest import REPO, fresh_workdir
 
 STEPS = 5
 # fsdp=8 shards every parameter and optimizer moment across both processes' devices.
@@ -81,17 +77,12 @@ def run_job(workdir: Path, *, processes: int, extra=()) -> list[tuple[int, str, 
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  cfg = llama_1b.get_config("tiny")
-  path = tmp_path_factory.mktemp("corpus") / "data"
-  prepare_corpus(cfg.data, cfg.tokenizer, str(path), log=lambda _: None)
-  return path
+def corpus(tiny_corpus):
+  return tiny_corpus
 
 
 def workdir_with(corpus: Path, parent: Path, name: str) -> Path:
-  wd = parent / name
-  shutil.copytree(corpus, wd / "data")
-  return wd
+  return fresh_workdir(parent, corpus, name)
 
 
 def rows(workdir: Path) -> list[dict]:

@@ -36,8 +36,8 @@ def test_pair_layout_and_special_tokens_never_masked():
   assert ids[0] == SP.cls and ids[31] == SP.sep and ids[52] == SP.sep and ids[53] == SP.pad
   assert (types[:32] == 0).all() and (types[32:53] == 1).all() and attn.sum() == 53
   for seed in range(50):
-    ex = bert_example(a, b, 1, np.random.default_rng(seed), SP, max_seq_len=64,
-                      objective="mlm+nsp")
+    ex = bert_example(a, b, 1, np.random.default_rng(seed), SP, max_seq_len=64, mlm=True,
+                      classify=True)
     n = int(ex["masked_weights"].sum())
     assert n == round(50 * 0.15)
     assert not np.isin(ids[ex["masked_positions"][:n]], list(SP.special)).any()

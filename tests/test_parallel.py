@@ -21,17 +21,15 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from jaxlm import experiment
-from jaxlm.data.corpus import prepare_corpus
+from jaxlm import Runtime, experiment, tasks
 from jaxlm.errors import ConfigError
 from jaxlm.models import auto
 from jaxlm.parallel.mesh import mesh_shape
 from jaxlm.train.optim import make_optimizer
 from jaxlm.train.steps import make_train_step
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from configs import bert_tiny, llama_1b, t5_small  # noqa: E402
+from configs import bert_tiny, llama_1b, t5_small
+from conftest import REPO
 
 MODELS = {"decoder": "configs/llama_1b.py:tiny", "bert": "configs/bert_tiny.py:tiny"}
 MESHES = {
@@ -62,12 +60,11 @@ def _start_worker(tmp, devices: int, data, runs):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_corpus):
   """{run name: {"losses", "val_loss", "workdir", ...}} from both workers."""
   tmp = tmp_path_factory.mktemp("mesh")
-  cfg = llama_1b.get_config("tiny")  # bert_tiny:tiny prepares the same corpus
   data = tmp / "data"
-  prepare_corpus(cfg.data, cfg.tokenizer, str(data), log=lambda _: None)
+  shutil.copytree(tiny_corpus, data)
   one = [_run(f"{m}/1", m, tmp / f"{m}_1") for m in MODELS]
   one += [_run(f"bert/{p}", "bert", tmp / f"bert_{p}", **{"train.precision": p,
                                                           "train.steps": 10})
@@ -164,7 +161,7 @@ def test_grad_accumulation_equals_the_large_batch():
     graphdef, params = nnx.split(auto.build_model(mc, seed=0), nnx.Param)
     tx, _ = make_optimizer(cfg.train)
     opt_state = tx.init(params)
-    step = make_train_step(graphdef, tx, seed=0, dropout=False, objective="causal",
+    step = make_train_step(graphdef, tx, tasks.get("causal"), seed=0, dropout=False,
                            grad_accum_steps=accum)
     losses = []
     for s in range(3):
@@ -185,7 +182,8 @@ def test_remat_policies_give_the_same_gradients(mod):
   ids = jnp.asarray(np.random.default_rng(0).integers(5, 100, (2, 16)), jnp.int32)
   grads = {}
   for remat in ("none", "full", "dots"):
-    graphdef, params = nnx.split(auto.build_model(base.replace(remat=remat), seed=0), nnx.Param)
+    model = auto.build_model(base, runtime=Runtime(remat=remat), seed=0)
+    graphdef, params = nnx.split(model, nnx.Param)
 
     def loss(p):
       model = nnx.merge(graphdef, p)

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxlm import experiment
+from jaxlm import experiment, tasks
 from jaxlm.data import pipeline
 from jaxlm.data.corpus import prepare_corpus
 from jaxlm.errors import ConfigError
@@ -56,7 +56,7 @@ def test_reusing_workdir_with_other_settings_is_refused(corpus, tmp_path):
 
 def test_nsp_pairs_are_balanced_and_well_formed(corpus):
   c, cfg = corpus
-  it = pipeline.train_iterator(c, cfg.data, objective="mlm+nsp", batch_size=64, seed=0)
+  it = tasks.get("mlm+nsp").train_iterator(c, cfg.data, batch_size=64, seed=0)
   batch = next(it)
   assert batch["input_ids"].shape == (64, 32)
   assert 0.3 < batch["nsp_label"].mean() < 0.7
@@ -73,7 +73,7 @@ def test_true_next_segments_come_from_the_same_document(corpus):
   sp = pipeline.special_ids(c)
   s = c.splits["train"]
   chunks = s.chunks(29)
-  builder = pipeline.BertPairs(s, chunks, sp, max_seq_len=32, objective="nsp", mask_prob=0.15)
+  builder = pipeline.BertPairs(s, chunks, sp, max_seq_len=32, mask_prob=0.15, mlm=False)
   rng = np.random.default_rng(0)
   for row in chunks[:50]:
     ex = builder(row, rng)
@@ -86,30 +86,30 @@ def test_true_next_segments_come_from_the_same_document(corpus):
 
 def test_iterator_state_resumes_exactly(corpus):
   c, cfg = corpus
-  it = pipeline.train_iterator(c, cfg.data, objective="mlm+nsp", batch_size=8, seed=3)
+  it = tasks.get("mlm+nsp").train_iterator(c, cfg.data, batch_size=8, seed=3)
   for _ in range(5):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(4)]
   json.dumps(state)  # stored in the checkpoint as JSON
-  it2 = pipeline.train_iterator(c, cfg.data, objective="mlm+nsp", batch_size=8, seed=3)
+  it2 = tasks.get("mlm+nsp").train_iterator(c, cfg.data, batch_size=8, seed=3)
   it2.set_state(state)
   for want in expected:
     got = next(it2)
     for k in want:
       np.testing.assert_array_equal(got[k], want[k])
-  other = next(iter(pipeline.train_iterator(c, cfg.data, objective="mlm+nsp", batch_size=8,
+  other = next(iter(tasks.get("mlm+nsp").train_iterator(c, cfg.data, batch_size=8,
                                             seed=4)))
   assert not np.array_equal(other["input_ids"], expected[0]["input_ids"])
 
 
 def test_eval_batches_pad_with_zero_weight(corpus):
   c, cfg = corpus
-  n = pipeline.num_eval_examples(c, "validation", cfg.data, "mlm+nsp")
-  batches = list(pipeline.eval_batches(c, "validation", cfg.data, objective="mlm+nsp",
+  n = len(tasks.get("mlm+nsp").examples(c, "validation", cfg.data, 0).source)
+  batches = list(tasks.get("mlm+nsp").eval_batches(c, "validation", cfg.data,
                                        batch_size=7, seed=0))
   assert sum(b["example_weight"].sum() for b in batches) == n
-  again = list(pipeline.eval_batches(c, "validation", cfg.data, objective="mlm+nsp",
+  again = list(tasks.get("mlm+nsp").eval_batches(c, "validation", cfg.data,
                                      batch_size=7, seed=0))
   np.testing.assert_array_equal(batches[0]["input_ids"], again[0]["input_ids"])
 
@@ -118,7 +118,7 @@ def test_nsp_label_cannot_be_read_off_the_length(corpus):
   """True and random next segments have the same length distribution (an earlier
   version padded only true pairs, and the model learned NSP from the padding)."""
   c, cfg = corpus
-  it = pipeline.train_iterator(c, cfg.data, objective="nsp", batch_size=512, seed=0)
+  it = tasks.get("nsp").train_iterator(c, cfg.data, batch_size=512, seed=0)
   batch = next(it)
   n_real = batch["attention_mask"].sum(1)
   n_b = (batch["token_type_ids"] * batch["attention_mask"]).sum(1)

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
+from conftest import FIXTURES, REPO
 from jaxlm import analysis, experiment
 from jaxlm.models import auto
 from jaxlm.report import _hf_model_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf")
+ROOT = str(REPO)
 
 
 def model_config(path, variant=None, **model):
@@ -115,7 +115,7 @@ def test_memory_and_kv_cache():
                                 batch=8)
   assert m8["params"] < m1["params"] / 7.9  # everything but the small norms is sharded
   assert m8["sequences_per_device"] == 1
-  inf = analysis.inference_memory(mc, 1_235_814_400)
+  inf = analysis.inference_memory(mc, 1_235_814_400, "bfloat16")  # llama_1b runs in bf16
   assert inf["kv_per_token"] == 2 * 16 * 8 * 64 * 2  # bf16: 32 KiB
   assert inf["kv_at_context"] == inf["kv_per_token"] * 131072
 

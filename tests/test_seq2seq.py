@@ -3,31 +3,26 @@ T5 config training on the embedded corpus."""
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm import experiment
+import jaxlm
+from jaxlm import experiment, tasks
 from jaxlm.data import pipeline
 from jaxlm.data.corpus import prepare_corpus
-from jaxlm.data.objectives import SPAN, uncorrupt
+from jaxlm.data.objectives import uncorrupt
 from jaxlm.errors import ConfigError
 from jaxlm.models import auto
 from jaxlm.train import loop
+from jaxlm.train.evaluator import Evaluator
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from configs import gpt2_small, t5_small  # noqa: E402
+from configs import gpt2_small, t5_small
+from conftest import quiet
 
 WORDS = "the king queen sword crown night storm ghost blood honour love death".split()
-
-
-def quiet(_):
-  pass
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +52,7 @@ def test_span_batches_reconstruct_the_packed_rows(small):
   assert ids["vocab_size"] == tok.vocab_size + 100 and sentinels[0] == ids["vocab_size"] - 1
   assert min(sentinels) == tok.vocab_size and ids["decoder_start_token_id"] == tok.pad_id
   rows = pipeline.causal_rows(c, "validation", raw, seed=3)
-  batches = list(pipeline.eval_batches(c, "validation", cfg.data, objective=SPAN,
+  batches = list(tasks.get("span_corruption").eval_batches(c, "validation", cfg.data,
                                        batch_size=8, seed=3))
   n = 0
   for batch in batches:
@@ -81,11 +76,11 @@ def test_span_batches_reconstruct_the_packed_rows(small):
 
 def test_span_iterator_resumes_exactly(small):
   c, cfg = small
-  it = pipeline.train_iterator(c, cfg.data, objective=SPAN, batch_size=4, seed=0)
+  it = tasks.get("span_corruption").train_iterator(c, cfg.data, batch_size=4, seed=0)
   next(it)
   state = it.get_state()
   want = [next(it) for _ in range(3)]
-  it2 = pipeline.train_iterator(c, cfg.data, objective=SPAN, batch_size=4, seed=0)
+  it2 = tasks.get("span_corruption").train_iterator(c, cfg.data, batch_size=4, seed=0)
   it2.set_state(state)
   for a in want:
     b = next(it2)
@@ -95,7 +90,7 @@ def test_span_iterator_resumes_exactly(small):
 
 def test_span_objective_needs_an_encoder_decoder():
   cfg = gpt2_small.get_config("tiny")
-  cfg.train.objective = SPAN
+  cfg.train.objective = "span_corruption"
   with pytest.raises(ConfigError, match="encoder-decoder"):
     experiment.validate(cfg)
   cfg = t5_small.get_config("tiny")
@@ -125,9 +120,10 @@ def trained(tmp_path_factory):
   """configs/t5_small.py:tiny trained once: (workdir, val loss at init, report)."""
   cfg = t5_small.get_config("tiny")
   wd = tmp_path_factory.mktemp("t5_tiny")
-  corpus, model = loop.setup(cfg, str(wd))
+  corpus, model, task = loop.setup(cfg, str(wd))
   graphdef, params = nnx.split(model, nnx.Param)
-  before = loop.Evaluator(corpus, cfg, graphdef, model.config.vocab_size)(params, "validation")
+  before = Evaluator(corpus, cfg, graphdef, task, model.config.vocab_size)(params,
+                                                                        "validation")
   return wd, before["loss"], loop.train(cfg, str(wd))
 
 
@@ -143,7 +139,7 @@ def test_tiny_t5_span_corruption_lowers_val_loss(trained):
   rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if "val_loss" in r] == [40, 80]
   # The export reloads (HF format) with the same validation loss.
-  model = auto.from_pretrained(str(wd / "model"))
+  model = jaxlm.from_pretrained(str(wd / "model"))
   assert model.config.decoder_start_token_id == model.config.pad_token_id
 
 

@@ -226,6 +226,6 @@ def _build(data_cfg, tok_cfg, stage: str, log) -> dict[str, Any]:
     stats[f"tokens_{s}"] = _tokenize_split(tok, stage, s)
   stats.update(tokenizer_file=tok_file, vocab_size=tok.vocab_size,
                prepare_seconds=round(time.time() - t0, 2))
-  log(f"tokenized: " + ", ".join(f"{s} {stats['tokens_' + s]:,}" for s in SPLITS)
+  log("tokenized: " + ", ".join(f"{s} {stats['tokens_' + s]:,}" for s in SPLITS)
       + f" tokens ({stats['prepare_seconds']}s)")
   return stats

@@ -1,9 +1,10 @@
-"""Pretraining objectives as pure NumPy functions of (tokens, rng).
+"""Example builders as pure NumPy functions of (tokens, rng): BERT masking and segment
+pairs, causal LM over packed documents, and T5 span corruption.
 
-BERT masked LM and next-sentence prediction, causal LM over packed documents, and T5
-span corruption.
 Each example is a pure function of its index (and its index's rng), so the pipeline
-stays deterministic and resumable whatever the shuffling or prefetching.
+stays deterministic and resumable whatever the shuffling or prefetching. Which of them a
+training run uses is the task's business (jaxlm/tasks/); nothing here knows objective
+names.
 """
 
 from __future__ import annotations
@@ -12,11 +13,6 @@ import dataclasses
 import math
 
 import numpy as np
-
-BERT_OBJECTIVES = ("mlm", "nsp", "mlm+nsp")
-SPAN = "span_corruption"  # T5: encoder-decoder models
-OBJECTIVES = (*BERT_OBJECTIVES, "causal", SPAN)
-
 
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
@@ -30,14 +26,6 @@ class SpecialIds:
 
 def max_predictions(max_seq_len: int, mask_prob: float) -> int:
   return max(1, math.ceil(mask_prob * max_seq_len))
-
-
-def vocab_positions_fraction(objective: str, max_seq_len: int, mask_prob: float) -> float:
-  """The fraction of positions an objective projects onto the vocabulary: every target
-  for causal LM and span corruption, the masked positions only for MLM."""
-  if objective in ("causal", SPAN):
-    return 1.0
-  return max_predictions(max_seq_len, mask_prob) / max_seq_len
 
 
 def mask_tokens(ids_T: np.ndarray, maskable_T: np.ndarray, rng: np.random.Generator,
@@ -90,12 +78,14 @@ def pack_pair(a: list[int], b: list[int] | None, max_seq_len: int, sp: SpecialId
           np.array([1] * n + [0] * pad, np.int32))
 
 
-def bert_example(a: list[int], b: list[int] | None, is_next: int, rng: np.random.Generator,
-                 sp: SpecialIds, *, max_seq_len: int, objective: str, mask_prob: float = 0.15):
-  """One BERT pretraining example as a dict of fixed-shape arrays."""
+def bert_example(a: list[int], b: list[int] | None, label: int, rng: np.random.Generator,
+                 sp: SpecialIds, *, max_seq_len: int, mlm: bool, classify: bool,
+                 mask_prob: float = 0.15, label_key: str = "nsp"):
+  """One BERT pretraining example as a dict of fixed-shape arrays: MLM targets (weights 0
+  unless `mlm`) and a pair label `{label_key}_label` (weight 0 unless `classify`)."""
   ids, types, attn = pack_pair(a, b, max_seq_len, sp)
   num_pred = max_predictions(max_seq_len, mask_prob)
-  if "mlm" in objective:
+  if mlm:
     maskable = (attn == 1) & ~np.isin(ids, np.array(sorted(sp.special)))
     inputs, pos, labels, weights = mask_tokens(ids, maskable, rng, sp, mask_prob=mask_prob,
                                                num_predictions=num_pred)
@@ -105,8 +95,8 @@ def bert_example(a: list[int], b: list[int] | None, is_next: int, rng: np.random
   return {
       "input_ids": inputs, "token_type_ids": types, "attention_mask": attn,
       "masked_positions": pos, "masked_ids": labels, "masked_weights": weights,
-      "nsp_label": np.int32(is_next),
-      "nsp_weight": np.float32(1.0 if "nsp" in objective else 0.0),
+      f"{label_key}_label": np.int32(label),
+      f"{label_key}_weight": np.float32(1.0 if classify else 0.0),
   }
 
 

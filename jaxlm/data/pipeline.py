@@ -1,25 +1,39 @@
-"""grain pipelines: seeded shuffle, per-example objective, batching and prefetch.
+"""grain pipelines: seeded shuffle, per-example transform, batching and prefetch.
 
+A task (jaxlm/tasks/) says how a split becomes examples, as `Examples`: a grain source
+and a per-example function. The builders for the kinds of example we have are here:
 BERT examples are built from chunks of whole lines (see `TokenizedSplit.chunks`) by a
-`random_map`, whose rng grain derives from the pipeline seed and the element index.
-Causal-LM examples are rows of a packing plan fixed by the seed (`objectives.pack_plan`);
-span-corruption (T5) examples corrupt such rows with a `random_map`.
-Either way an example depends on nothing but (seed, index), so the iterator state that
-grain checkpoints (a position) is enough to resume bit-for-bit.
+`random_map`, whose rng grain derives from the pipeline seed and the element index
+(`bert_examples`); causal-LM examples are rows of a packing plan fixed by the seed
+(`objectives.pack_plan`, `causal_examples`); span-corruption (T5) examples corrupt such
+rows with a `random_map` (`span_examples`). Either way an example depends on nothing but
+(seed, index), so the iterator state that grain checkpoints (a position) is enough to
+resume bit-for-bit.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import dataclasses
+from typing import Any, Callable, Iterator
 
 import grain
 import numpy as np
 
 from jaxlm.data.corpus import Corpus, TokenizedSplit
-from jaxlm.data.objectives import (OBJECTIVES, SPAN, SpecialIds, bert_example, causal_example,
-                                   pack_plan, raw_length_for, span_corruption_example,
-                                   span_lengths, truncate_pair)
+from jaxlm.data.objectives import (SpecialIds, bert_example, causal_example, pack_plan,
+                                   raw_length_for, span_corruption_example, span_lengths,
+                                   truncate_pair)
 from jaxlm.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """A split as a task reads it: a grain source and the function that turns each of its
+  elements into an example (applied with `random_map` when it draws random numbers)."""
+
+  source: grain.MapDataset
+  transform: Callable
+  is_random: bool
 
 
 def special_ids(corpus: Corpus) -> SpecialIds:
@@ -30,16 +44,25 @@ def special_ids(corpus: Corpus) -> SpecialIds:
 
 
 class BertPairs:
-  """grain RandomMap: chunk row -> BERT example (NSP pair + MLM masking).
+  """grain RandomMap: chunk row -> BERT example (MLM masking when `mlm`; with `pairs`, a
+  segment pair [CLS] A [SEP] B [SEP] and its label, else one segment).
 
-  With probability 1/2 (when the chunk has two or more lines) segment B is the true
-  continuation of A inside the chunk; otherwise B is taken from another document.
+  The pair and its label come from `pair` (NSP here: with probability 1/2 segment B is
+  the true continuation of A, otherwise text from another document); a task with
+  another pair objective subclasses this and overrides it (tasks/sop.py).
   """
 
+  label_key = "nsp"  # the example's label is `{label_key}_label`, its weight `..._weight`
+
   def __init__(self, split: TokenizedSplit, chunks: np.ndarray, sp: SpecialIds, *,
-               max_seq_len: int, objective: str, mask_prob: float):
+               max_seq_len: int, mask_prob: float, mlm: bool = True, pairs: bool = True):
     self.split, self.chunks, self.sp = split, chunks, sp
-    self.max_seq_len, self.objective, self.mask_prob = max_seq_len, objective, mask_prob
+    self.max_seq_len, self.mask_prob = max_seq_len, mask_prob
+    self.mlm, self.pairs = mlm, pairs
+
+  def _example(self, a, b, label, rng) -> dict[str, Any]:
+    return bert_example(a, b, label, rng, self.sp, max_seq_len=self.max_seq_len, mlm=self.mlm,
+                        classify=self.pairs, mask_prob=self.mask_prob, label_key=self.label_key)
 
   def _tokens(self, first: int, end: int) -> list[int]:
     s = self.split
@@ -53,16 +76,10 @@ class BertPairs:
 
   def __call__(self, row: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
     doc, first, end = (int(x) for x in row)
-    if "nsp" not in self.objective:
-      a = self._tokens(first, end)[:self.max_seq_len - 2]
-      return bert_example(a, None, 0, rng, self.sp, max_seq_len=self.max_seq_len,
-                          objective=self.objective, mask_prob=self.mask_prob)
+    if not self.pairs:
+      return self._example(self._tokens(first, end)[:self.max_seq_len - 2], None, 0, rng)
     budget = self.max_seq_len - 3
     # A: the chunk up to a random line boundary (a random token for a one-line chunk).
-    # B: what follows A in its document, or, half of the time, text from another
-    # document's line start; both fill the row up to the end of their document. True
-    # and random B thus share one length and line-ending distribution: NSP cannot be
-    # read off the padding or off where B stops.
     s = self.split
     start = int(s.line_offsets[first])
     if end - first >= 2:
@@ -71,6 +88,15 @@ class BertPairs:
       cut = start + (int(rng.integers(1, s.line_offsets[end] - start))
                      if s.line_offsets[end] - start > 1 else 1)
     a = s.tokens[start:cut].astype(np.int64).tolist()[:budget - 1]
+    a, b, label = self.pair(a, cut, doc, budget, rng)
+    a, b = truncate_pair(a, b, budget, rng)
+    return self._example(a, b, label, rng)
+
+  def pair(self, a: list[int], cut: int, doc: int, budget: int, rng: np.random.Generator):
+    """NSP: (A, B, is_next). B is what follows A (token offset `cut`) in its document or,
+    half of the time, text from another document's line start; both fill the row up to
+    the end of their document. True and random B thus share one length and line-ending
+    distribution: NSP cannot be read off the padding or off where B stops."""
     is_next = int(rng.random() < 0.5)
     if is_next:
       b = self._run(cut, doc, budget - len(a))
@@ -79,11 +105,21 @@ class BertPairs:
         other = self.chunks[rng.integers(len(self.chunks))]
         if other[0] != doc:
           break
-      b = self._run(int(s.line_offsets[other[1]]), int(other[0]), budget - len(a))
-    b = b or [self.sp.sep]  # a document ending right at the cut: keep B non-empty
-    a, b = truncate_pair(a, b, budget, rng)
-    return bert_example(a, b, is_next, rng, self.sp, max_seq_len=self.max_seq_len,
-                        objective=self.objective, mask_prob=self.mask_prob)
+      b = self._run(int(self.split.line_offsets[other[1]]), int(other[0]), budget - len(a))
+    return a, b or [self.sp.sep], is_next  # a document ending at the cut: B non-empty
+
+
+def bert_examples(corpus: Corpus, split: str, data_cfg, *, mlm: bool = True,
+                  pairs: bool = True, builder: type[BertPairs] = BertPairs) -> Examples:
+  """BERT examples of a split: chunks of whole lines, masked (`mlm`) and/or made into
+  segment pairs (`pairs`) by `builder`."""
+  s = corpus.splits[split]
+  chunks = s.chunks(data_cfg.max_seq_len - (3 if pairs else 2))
+  if len(chunks) == 0:
+    raise ConfigError(f"data: the {split} split has no tokens")
+  fn = builder(s, chunks, special_ids(corpus), max_seq_len=data_cfg.max_seq_len,
+               mask_prob=data_cfg.mask_prob, mlm=mlm, pairs=pairs)
+  return Examples(grain.MapDataset.source(chunks), fn, True)
 
 
 def end_of_document_id(tok) -> int:
@@ -92,8 +128,8 @@ def end_of_document_id(tok) -> int:
   eod = getattr(tok, "eos_id", None)
   eod = getattr(tok, "sep_id", None) if eod is None else eod
   if eod is None:
-    raise ConfigError(f"train.objective='causal': tokenizer {tok.source} has neither an "
-                      "eos nor a [SEP] token to end documents with")
+    raise ConfigError(f"data: tokenizer {tok.source} has neither an eos nor a [SEP] token "
+                      "to end packed documents with")
   return int(eod)
 
 
@@ -190,35 +226,29 @@ class SpanRows:
                                    **self.kw)
 
 
-def _dataset(corpus: Corpus, split: str, data_cfg, objective: str, seed: int):
-  """(source, transform, is_random): grain source and the per-example function."""
-  if objective not in OBJECTIVES:
-    raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {objective!r}")
-  if objective in ("causal", SPAN):
-    row_len = data_cfg.max_seq_len if objective == "causal" else span_shapes(data_cfg)[0]
-    rows = causal_rows(corpus, split, row_len, seed)
-    if len(rows) == 0:
-      raise ConfigError(f"data: the {split} split has no tokens")
-    if objective == SPAN:
-      return grain.MapDataset.range(len(rows)), SpanRows(rows, corpus.tokenizer, data_cfg), True
-    return grain.MapDataset.range(len(rows)), rows, False
-  s = corpus.splits[split]
-  budget = data_cfg.max_seq_len - (3 if "nsp" in objective else 2)
-  chunks = s.chunks(budget)
-  if len(chunks) == 0:
+def causal_examples(corpus: Corpus, split: str, max_seq_len: int, seed: int) -> Examples:
+  """Packed causal-LM rows of a split (documents in an order fixed by `seed`)."""
+  rows = causal_rows(corpus, split, max_seq_len, seed)
+  if len(rows) == 0:
     raise ConfigError(f"data: the {split} split has no tokens")
-  builder = BertPairs(s, chunks, special_ids(corpus), max_seq_len=data_cfg.max_seq_len,
-                      objective=objective, mask_prob=data_cfg.mask_prob)
-  return grain.MapDataset.source(chunks), builder, True
+  return Examples(grain.MapDataset.range(len(rows)), rows, False)
+
+
+def span_examples(corpus: Corpus, split: str, data_cfg, seed: int) -> Examples:
+  """T5 span-corruption examples: packed rows of raw tokens, corrupted per example."""
+  rows = causal_rows(corpus, split, span_shapes(data_cfg)[0], seed)
+  if len(rows) == 0:
+    raise ConfigError(f"data: the {split} split has no tokens")
+  return Examples(grain.MapDataset.range(len(rows)), SpanRows(rows, corpus.tokenizer, data_cfg),
+                  True)
 
 
 def _apply(ds: grain.MapDataset, fn, is_random: bool) -> grain.MapDataset:
   return ds.random_map(fn) if is_random else ds.map(fn)
 
 
-def train_iterator(corpus: Corpus, data_cfg, *, objective: str, batch_size: int,
-                   seed: int, process_index: int = 0,
-                   process_count: int = 1) -> grain.DatasetIterator:
+def train_iterator(examples: Examples, data_cfg, *, batch_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
   """Endless shuffled batches of the train split; reshuffled (and BERT remasked) each
   epoch.
 
@@ -226,8 +256,8 @@ def train_iterator(corpus: Corpus, data_cfg, *, objective: str, batch_size: int,
   `batch_size` B, and builds only those examples; the global batches are the same as a
   single process's.
   """
-  source, builder, is_random = _dataset(corpus, "train", data_cfg, objective, seed)
-  ds = _apply(source.seed(seed).shuffle().repeat(None), builder, is_random)
+  ds = _apply(examples.source.seed(seed).shuffle().repeat(None), examples.transform,
+              examples.is_random)
   ds = ds.batch(batch_size // process_count, drop_remainder=True)
   if process_count > 1:
     ds = ds[process_index::process_count]
@@ -236,13 +266,12 @@ def train_iterator(corpus: Corpus, data_cfg, *, objective: str, batch_size: int,
   return iter(ds.to_iter_dataset(opts))
 
 
-def eval_batches(corpus: Corpus, split: str, data_cfg, *, objective: str, batch_size: int,
-                 seed: int, max_batches: int | None = None) -> Iterator[dict[str, Any]]:
+def eval_batches(examples: Examples, *, batch_size: int, seed: int,
+                 max_batches: int | None = None) -> Iterator[dict[str, Any]]:
   """One fixed pass over a split (same masks, pairs or packing every time). The last
   batch is padded with examples whose `example_weight` is 0, so every batch has one
   shape."""
-  source, builder, is_random = _dataset(corpus, split, data_cfg, objective, seed)
-  ds = _apply(source.seed(seed), builder, is_random)
+  ds = _apply(examples.source.seed(seed), examples.transform, examples.is_random)
   n = len(ds) if max_batches is None else min(len(ds), max_batches * batch_size)
   for start in range(0, n, batch_size):
     items = [ds[i] for i in range(start, min(start + batch_size, n))]
@@ -251,9 +280,3 @@ def eval_batches(corpus: Corpus, split: str, data_cfg, *, objective: str, batch_
     batch = {k: np.stack([x[k] for x in items]) for k in items[0]}
     batch["example_weight"] = np.asarray(weights, np.float32)
     yield batch
-
-
-def num_eval_examples(corpus: Corpus, split: str, data_cfg, objective: str,
-                      seed: int = 0) -> int:
-  return len(_dataset(corpus, split, data_cfg, objective, seed)[0])
-

@@ -10,6 +10,7 @@ from jaxlm.errors import DataError
 from jaxlm.layers.linear import materialize
 from jaxlm.layers.moe import MoE, pop_router_stats, router_losses
 from jaxlm.layers.position import RoPE
+from jaxlm.params import path_name
 
 # Logical axes of the residual stream [B, T, D] (sharding rules map them to the mesh).
 RESIDUAL_AXES = ("batch", "length", "embed")
@@ -90,7 +91,7 @@ def router_outputs(model: nnx.Module, attention_mask_BT=None) -> dict:
     mask = _mask_for(path, attention_mask_BT)
     if mask is not None and mask.size != logits_NE.shape[0]:
       raise DataError(f"attention_mask has {mask.size} entries but the MoE layer at "
-                      f"{'.'.join(map(str, path))} routed {logits_NE.shape[0]} tokens")
+                      f"{path_name(path)} routed {logits_NE.shape[0]} tokens")
     layers.append((logits_NE, idx_NK, None if mask is None else mask.reshape(-1)))
   if not layers:
     return {}
@@ -100,7 +101,7 @@ def router_outputs(model: nnx.Module, attention_mask_BT=None) -> dict:
 def _mask_for(path, masks):
   if not isinstance(masks, dict):
     return masks
-  name = ".".join(map(str, path))
+  name = path_name(path)
   hits = [p for p in masks if name == p or name.startswith(p + ".")]
   return masks[max(hits, key=len)] if hits else None
 

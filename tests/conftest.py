@@ -1,0 +1,50 @@
+"""What the tests share: repository paths, the committed Hugging Face fixtures and one
+prepared tiny corpus.
+
+Every `:tiny` config (configs/*.py) prepares the embedded corpus with the same data and
+tokenizer settings, so one session-wide copy serves all of them: a test copies it into
+its workdir (`fresh_workdir`) instead of preparing it again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "hf")  # tiny HF checkpoints, one per family
+
+if str(REPO) not in sys.path:  # `from configs import ...` however pytest is started
+  sys.path.insert(0, str(REPO))
+
+
+def fixture(name: str) -> str:
+  """The directory of the committed HF fixture `name` (tests/fixtures/hf/<name>)."""
+  return os.path.join(FIXTURES, name)
+
+
+def quiet(_msg: str) -> None:
+  """A `log=` callback that prints nothing."""
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+  """The embedded corpus as every `:tiny` config prepares it, prepared once."""
+  from configs import default  # noqa: PLC0415
+
+  from jaxlm.data.corpus import prepare_corpus  # noqa: PLC0415
+  cfg = default.get_config("tiny")
+  path = tmp_path_factory.mktemp("corpus") / "data"
+  prepare_corpus(cfg.data, cfg.tokenizer, str(path), log=quiet)
+  return path
+
+
+def fresh_workdir(tmp_path: Path, tiny_corpus: Path, name: str = "run") -> Path:
+  """A new workdir under `tmp_path` holding a copy of the prepared tiny corpus."""
+  wd = tmp_path / name
+  shutil.copytree(tiny_corpus, wd / "data")
+  return wd
