@@ -17,8 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 import jaxlm
 from jaxlm import ConfigError, DataError
-from jaxlm.hf import convert
-from jaxlm.hf.convert import family_of, read_hf_config
+from jaxlm.hf import family_of, read_hf_config
 from jaxlm.layers.attention import Attention, dot_product_attention
 from jaxlm.layers.position import alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq
 from jaxlm.models.decoder import segment_positions
@@ -197,7 +196,7 @@ def test_unexpected_tensor_is_named(tmp_path):
 def test_unknown_architecture_is_a_data_error(tmp_path):
   d = edited_copy(tmp_path, "llama", edit_config=lambda c: {**c, "architectures": ["NopeLM"]})
   with pytest.raises(DataError, match="NopeLM"):
-    convert.load(d)
+    jaxlm.from_pretrained(d)
 
 
 def test_unsupported_rope_type_names_the_key(tmp_path):

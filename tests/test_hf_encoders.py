@@ -3,6 +3,7 @@ fixtures (tests/fixtures/hf), save/load round trips in HF format, and named erro
 
 import json
 import os
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -12,7 +13,8 @@ from safetensors.numpy import load_file, save_file
 
 import jaxlm
 from jaxlm import ConfigError, DataError, JaxlmError, ModelConfig, build_model
-from jaxlm.models.auto import flat_params
+from jaxlm.hf import family_of
+from jaxlm.params import flat_params
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 CLASSES = {
@@ -166,6 +168,81 @@ def test_prefixed_and_legacy_names_are_accepted(loaded, tmp_path):
   assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def legacy_layer_norm_names(t):
+  """TF-era spellings: every LayerNorm weight/bias as gamma/beta."""
+  return {re.sub(r"(LayerNorm|layer_norm)\.weight$", r"\1.gamma",
+                 re.sub(r"(LayerNorm|layer_norm)\.bias$", r"\1.beta", k)): v
+          for k, v in t.items()}
+
+
+@pytest.mark.parametrize("name", ["bert_pretraining", "roberta_mlm", "distilbert_mlm"])
+def test_legacy_gamma_beta_names_load_identically(loaded, tmp_path, name):
+  d = broken_copy(tmp_path, name, legacy_layer_norm_names)
+  assert any(k.endswith(".gamma") for k in tensors(d))
+  assert not any(k.endswith("LayerNorm.weight") for k in tensors(d))
+  model = jaxlm.from_pretrained(d)
+  a, b = flat_params(model), flat_params(loaded[name])
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  model.save_pretrained(str(tmp_path / "out"))  # written back with transformers' names
+  assert tensors(str(tmp_path / "out")).keys() == tensors(fixture(name)).keys()
+
+
+def test_both_spellings_of_one_tensor_refused(tmp_path):
+  name = "bert.embeddings.LayerNorm.weight"
+  d = broken_copy(tmp_path, "bert_mlm", lambda t: {**t, name.replace("weight", "gamma"): t[name]})
+  with pytest.raises(DataError, match=re.escape(name)):
+    jaxlm.from_pretrained(d)
+
+
+@pytest.mark.parametrize("name, head", [("bert_mlm", "cls.predictions"),
+                                        ("bert_pretraining", "cls.predictions"),
+                                        ("roberta_mlm", "lm_head")])
+def test_vocab_bias_under_the_tied_decoder_name(loaded, tmp_path, name, head):
+  def only_decoder_bias(t):
+    t = dict(t)
+    t[f"{head}.decoder.bias"] = t.pop(f"{head}.bias")
+    return t
+  model = jaxlm.from_pretrained(broken_copy(tmp_path / "only", name, only_decoder_bias))
+  a, b = flat_params(model), flat_params(loaded[name])
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  # Both names present: the same tensor, read once.
+  both = broken_copy(tmp_path / "both", name,
+                     lambda t: {**t, f"{head}.decoder.bias": t[f"{head}.bias"]})
+  a = flat_params(jaxlm.from_pretrained(both))
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_head_checkpoint_loads_into_classes_with_fewer_parts(loaded, tmp_path):
+  """A BertForPreTraining file read as BertModel skips cls.* (and as BertForMaskedLM the
+  pooler and NSP head), as transformers does."""
+  src = fixture("bert_pretraining")
+  full = flat_params(loaded["bert_pretraining"])
+  for arch in ("BertModel", "BertForMaskedLM"):
+    d = tmp_path / arch
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "architectures": [arch]}))
+    got = flat_params(jaxlm.from_pretrained(str(d)))
+    prefix = "" if arch == "BertModel" else "bert."
+    assert ("pooler.kernel" in got) == (arch == "BertModel")
+    assert "nsp.classifier.kernel" not in got
+    for k, v in got.items():
+      want = full[k if k.startswith("mlm.") else "bert." + k.removeprefix(prefix)]
+      assert np.array_equal(v, want), k
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("bert_mlm", "bert.encoder.layer.2.attention.self.query.weight"),
+    ("bert", "encoder.layer.2.output.dense.bias"),
+    ("roberta_mlm", "roberta.encoder.layer.0.attention.self.extra.bias"),
+    ("bert", "embeddings.LayerNorm.gamma_typo"),
+])
+def test_extra_encoder_tensor_is_named(tmp_path, name, extra):
+  d = broken_copy(tmp_path, name, lambda t: {**t, extra: np.zeros(32, np.float32)})
+  with pytest.raises(DataError, match=f"unexpected tensor '{re.escape(extra)}'"):
+    jaxlm.from_pretrained(d)
+
+
 # ---- errors ----------------------------------------------------------------------------------
 def test_pickle_checkpoint_refused_with_conversion_hint(tmp_path):
   shutil.copy(os.path.join(fixture("bert"), "config.json"), tmp_path)
@@ -211,11 +288,10 @@ def test_extra_layer_is_unexpected(tmp_path):
 
 
 def test_config_transformers_cannot_express_falls_back_to_a_jaxlm_export(tmp_path):
-  from jaxlm.hf import convert
   model = build_model(ModelConfig(architectures=["BertForPreTraining"],
                                   position_embedding_type="rope", **SMALL))
   with pytest.raises(ConfigError, match="position_embedding_type='rope'"):
-    convert.save(model, str(tmp_path / "hf"))
+    family_of("BertForPreTraining", "test").config_to_hf(model.config, "BertForPreTraining")
   assert model.save_pretrained(str(tmp_path / "out")) == "jaxlm"
   again = jaxlm.from_pretrained(str(tmp_path / "out"))
   ids = jnp.asarray(np.arange(12).reshape(2, 6) + 5)

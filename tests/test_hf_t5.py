@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 import jaxlm
 from jaxlm import ConfigError, DataError, build_model
-from jaxlm.hf.convert import family_of, read_hf_config
+from jaxlm.hf import family_of, read_hf_config
 from jaxlm.layers.position import RelativePositionBias, relative_position_bucket
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")

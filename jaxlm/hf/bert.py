@@ -1,19 +1,18 @@
-"""BERT, RoBERTa and DistilBERT checkpoints: config.json and tensor names, both ways.
-
-jaxlm runs all three with one encoder (`jaxlm.models.encoder`), so this module is
-mostly naming. A table per family maps jaxlm module paths to HF module paths
-("layers.{i}.attn.q" -> "encoder.layer.{i}.attention.self.query"); leaves follow one
-rule (Dense kernel <-> transposed Linear weight, LayerNorm scale <-> weight, embedding
-<-> weight). The tables are driven by the parameters the jaxlm model actually has, so
-every tensor is accounted for both ways.
+"""BERT (BertModel, BertForMaskedLM, BertForPreTraining), RoBERTa (RobertaModel,
+RobertaForMaskedLM) and DistilBERT (DistilBertModel, DistilBertForMaskedLM): post-LN
+encoders that jaxlm runs with one model (`jaxlm.models.encoder`), so this module is mostly
+naming, one TensorMap per HF class.
 
 HF details handled here:
 - Head models keep the base model under a prefix ("bert.", "roberta.", "distilbert."),
   bare base models do not; files saved the other way round exist, so on import both
-  spellings are accepted for every class. Tensors of other heads are skipped.
-- Tied weights (MLM decoder = word embeddings) are left out of HF files and re-tied
-  by construction; untied ones are read and written. Untied BERT/RoBERTa heads also
-  store the decoder bias twice (`decoder.bias` = `bias`), as transformers does.
+  spellings are accepted for every class. Tensors of other heads (and a pooler the class
+  lacks) are skipped, as transformers does; an extra encoder tensor (a layer too many) is
+  an error.
+- Tied weights (MLM decoder = word embeddings) are left out of HF files and re-tied by
+  construction; untied ones are read and written. BERT/RoBERTa heads hold their vocab bias
+  twice (`decoder.bias` is `bias`): either is read, and the copy is written when the
+  decoder is untied, as transformers does.
 - Legacy TF-era names `LayerNorm.gamma` / `LayerNorm.beta` are accepted on import.
 """
 
@@ -21,17 +20,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
-
-import numpy as np
 
 from jaxlm.config import ModelConfig
-from jaxlm.errors import ConfigError, DataError
-from jaxlm.hf.family import Family, Tensors
+from jaxlm.errors import ConfigError
+from jaxlm.hf.common import TensorMap, map_family
 
-# jaxlm leaf name -> (HF leaf name, transpose?)
-_LEAVES = {"kernel": ("weight", True), "bias": ("bias", False), "scale": ("weight", False),
-           "embedding": ("weight", False)}
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """How one HF family names things."""
+
+  model_type: str
+  prefix: str  # the base model inside head models, e.g. "bert."
+  base_class: str  # the HF class that is a bare base model
+  stack: str  # the layer list: "encoder.layer" | "transformer.layer"
+  layer: dict[str, str]  # jaxlm module under layers.{i} -> HF module under layer.{i}
+  mlm: tuple[str, str, str, str]  # HF MLM head: transform, norm, decoder, vocab bias
+  pooler: bool  # whether the base model has one
+
 
 _BERT_LAYER = {
     "attn.q": "attention.self.query", "attn.k": "attention.self.key",
@@ -44,139 +50,50 @@ _DISTIL_LAYER = {
     "attn.o": "attention.out_lin", "attn_norm": "sa_layer_norm", "mlp.up": "ffn.lin1",
     "mlp.down": "ffn.lin2", "mlp_norm": "output_layer_norm",
 }
-_EMBEDDINGS = {
-    "embeddings.word": "embeddings.word_embeddings",
-    "embeddings.position": "embeddings.position_embeddings",
-    "embeddings.token_type": "embeddings.token_type_embeddings",
-    "embeddings.norm": "embeddings.LayerNorm",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-  """How one HF family names things."""
-
-  model_type: str
-  prefix: str  # base model inside head models, e.g. "bert."
-  layer_prefix: str  # "encoder.layer" | "transformer.layer"
-  layer: dict[str, str]  # jaxlm module under layers.{i} -> HF module under layer.{i}
-  heads: dict[str, str]  # jaxlm head module -> HF module
-  base_classes: tuple[str, ...]  # HF classes that are a bare base model
-  base_roots: tuple[str, ...]  # first component of base-model tensor names
-
-  def is_base(self, arch: str) -> bool:
-    return arch in self.base_classes
-
-
-_BERT_MLM = {"mlm": "cls.predictions", "mlm.transform": "cls.predictions.transform.dense",
-             "mlm.norm": "cls.predictions.transform.LayerNorm",
-             "mlm.decoder": "cls.predictions.decoder"}
-BERT = _Spec("bert", "bert.", "encoder.layer", _BERT_LAYER,
-             {**_BERT_MLM, "nsp.classifier": "cls.seq_relationship"},
-             ("BertModel",), ("embeddings", "encoder", "pooler"))
-ROBERTA = _Spec("roberta", "roberta.", "encoder.layer", _BERT_LAYER,
-                {"mlm": "lm_head", "mlm.transform": "lm_head.dense",
-                 "mlm.norm": "lm_head.layer_norm", "mlm.decoder": "lm_head.decoder"},
-                ("RobertaModel",), ("embeddings", "encoder", "pooler"))
-DISTILBERT = _Spec("distilbert", "distilbert.", "transformer.layer", _DISTIL_LAYER,
-                   {"mlm": "vocab_projector", "mlm.transform": "vocab_transform",
-                    "mlm.norm": "vocab_layer_norm", "mlm.decoder": "vocab_projector"},
-                   ("DistilBertModel",), ("embeddings", "transformer"))
-
-
-# ---- names --------------------------------------------------------------------------------
-def _hf_module(spec: _Spec, module: str, in_base: bool) -> str | None:
-  """HF module path (no prefix) of a jaxlm module path in the base model or in a head."""
-  if not in_base:
-    return spec.heads.get(module)
-  if module in _EMBEDDINGS:
-    return _EMBEDDINGS[module]
-  if module == "pooler":
-    return "pooler.dense"
-  m = re.fullmatch(r"layers\.(\d+)\.(.+)", module)
-  if m and m.group(2) in spec.layer:
-    return f"{spec.layer_prefix}.{m.group(1)}.{spec.layer[m.group(2)]}"
-  return None
-
-
-def _to_hf_name(spec: _Spec, arch: str, name: str) -> tuple[str, bool]:
-  """jaxlm flat name -> (HF name as transformers writes it, transpose?)."""
-  base_model = spec.is_base(arch)
-  in_base = base_model or name.startswith("bert.")
-  module, _, leaf = (name if base_model else name.removeprefix("bert.")).rpartition(".")
-  hf_module = _hf_module(spec, module, in_base) if leaf in _LEAVES else None
-  if hf_module is None:
-    raise DataError(f"{arch}: no Hugging Face name for jaxlm parameter {name!r}")
-  hf_leaf, transpose = _LEAVES[leaf]
-  prefix = spec.prefix if in_base and not base_model else ""
-  return f"{prefix}{hf_module}.{hf_leaf}", transpose
-
-
-def _tied_bias_alias(spec: _Spec, hf_name: str) -> str | None:
-  """BERT/RoBERTa heads hold their vocab bias twice: `bias` and the tied `decoder.bias`."""
-  head = spec.heads["mlm"]
-  if spec is not DISTILBERT and hf_name == f"{head}.bias":
-    return f"{head}.decoder.bias"
-  return None
-
-
-def _canonical(spec: _Spec, name: str) -> str:
-  """An HF tensor name without the base-model prefix and with legacy leaves renamed."""
-  name = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))
-  return name.removeprefix(spec.prefix)
-
-
-def _ignorable(spec: _Spec, canonical: str) -> bool:
-  """Tensors HF files may carry that the jaxlm model has no place for and needs none of."""
-  if canonical.endswith((".position_ids", ".token_type_ids")):  # legacy saved buffers
-    return True
-  # Other heads (pooler, classifiers, tied decoder copies) are skipped, as transformers
-  # does; an extra or misnamed encoder tensor (a layer too many) is not.
-  root = canonical.split(".", 1)[0]
-  return root not in spec.base_roots or root == "pooler"
+BERT = _Spec("bert", "bert.", "BertModel", "encoder.layer", _BERT_LAYER,
+             ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
+              "cls.predictions.decoder", "cls.predictions.bias"), pooler=True)
+ROBERTA = _Spec("roberta", "roberta.", "RobertaModel", "encoder.layer", _BERT_LAYER,
+                ("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias"),
+                pooler=True)
+DISTILBERT = _Spec("distilbert", "distilbert.", "DistilBertModel", "transformer.layer",
+                   _DISTIL_LAYER, ("vocab_transform", "vocab_layer_norm", "vocab_projector",
+                                   "vocab_projector.bias"), pooler=False)
 
 
 # ---- tensors ------------------------------------------------------------------------------
-def params_from_hf(spec: _Spec, tensors: Tensors, cfg: ModelConfig, arch: str,
-                   expected: dict[str, tuple]) -> Tensors:
-  """HF tensors -> jaxlm flat names; a missing or misshapen tensor is named."""
-  by_canonical = {_canonical(spec, name): (name, value) for name, value in tensors.items()}
-  out, used = {}, set()
-  for name, shape in expected.items():
-    hf_name, transpose = _to_hf_name(spec, arch, name)
-    key = _canonical(spec, hf_name)
-    alias = _tied_bias_alias(spec, key)
-    if key not in by_canonical and alias in by_canonical:
-      key = alias
-    if key not in by_canonical:
-      raise DataError(f"{arch}: missing tensor {hf_name!r}")
-    source_name, value = by_canonical[key]
-    hf_shape = shape[::-1] if transpose else shape
-    if tuple(value.shape) != hf_shape:
-      raise DataError(f"{arch}: tensor {source_name!r} has shape {tuple(value.shape)}, "
-                      f"expected {hf_shape}")
-    out[name] = np.asarray(value).T if transpose else np.asarray(value)
-    used.add(key)
-  extra = sorted(source for canon, (source, _) in by_canonical.items()
-                 if canon not in used and not _ignorable(spec, canon))
-  if extra:
-    raise DataError(f"{arch}: unexpected tensor {extra[0]!r} (and {len(extra) - 1} more); "
-                    "does config.json match the checkpoint?")
-  return out
-
-
-def params_to_hf(spec: _Spec, tensors: Tensors, cfg: ModelConfig, arch: str) -> Tensors:
-  """jaxlm flat names -> HF names and layouts; tied weights are left out, as HF does."""
-  del cfg  # the tensors say whether the head is tied (no mlm.decoder) or not
-  untied = any(name.startswith("mlm.decoder.") for name in tensors)
-  out = {}
-  for name, value in tensors.items():
-    hf_name, transpose = _to_hf_name(spec, arch, name)
-    out[hf_name] = np.ascontiguousarray(value.T if transpose else value)
-    alias = _tied_bias_alias(spec, hf_name)
-    if alias and untied:  # transformers also writes an untied decoder's own bias
-      out[alias] = out[hf_name]
-  return out
+def tensor_map(spec: _Spec, cfg: ModelConfig, arch: str) -> TensorMap:
+  base = arch == spec.base_class  # jaxlm's base models have no "bert." level either
+  hp, jp = ("", "") if base else (spec.prefix, "bert.")
+  # Skipped on import: buffers old files saved, and anything outside the base model's
+  # embeddings and layers (other heads, a pooler this class lacks), as transformers does.
+  root = spec.stack.split(".")[0]
+  tm = TensorMap(spec.prefix, legacy=[(r"\.gamma$", ".weight"), (r"\.beta$", ".bias")],
+                 ignore=[r"\.(position_ids|token_type_ids)$", rf"^(?!(embeddings|{root})\.)"])
+  tables = {"word_embeddings": "word", "position_embeddings": "position"}
+  if cfg.type_vocab_size:  # DistilBERT has no token types
+    tables["token_type_embeddings"] = "token_type"
+  for hf, jax in tables.items():
+    tm.rename(f"{hp}embeddings.{hf}.weight", f"{jp}embeddings.{jax}.embedding")
+  tm.norm(f"{hp}embeddings.LayerNorm", f"{jp}embeddings.norm", bias=True)
+  for i in range(cfg.num_hidden_layers):
+    for jax, hf in spec.layer.items():
+      add = tm.norm if jax.endswith("_norm") else tm.linear
+      add(f"{hp}{spec.stack}.{i}.{hf}", f"{jp}layers.{i}.{jax}", bias=True)
+  if spec.pooler and not arch.endswith("ForMaskedLM"):
+    tm.linear(f"{hp}pooler.dense", f"{jp}pooler", bias=True)
+  if not base:
+    transform, norm, decoder, bias = spec.mlm
+    tm.linear(transform, "mlm.transform", bias=True)
+    tm.norm(norm, "mlm.norm", bias=True)
+    if not cfg.tie_word_embeddings:
+      tm.linear(decoder, "mlm.decoder", bias=False)
+    tm.rename(bias, "mlm.bias")
+    if bias != f"{decoder}.bias":  # transformers writes the copy for an untied decoder only
+      tm.duplicate(f"{decoder}.bias", of=bias, write=not cfg.tie_word_embeddings)
+  if arch == "BertForPreTraining":
+    tm.linear("cls.seq_relationship", "nsp.classifier", bias=True)
+  return tm
 
 
 # ---- config -------------------------------------------------------------------------------
@@ -256,15 +173,12 @@ def config_to_hf(spec: _Spec, cfg: ModelConfig, arch: str) -> dict:
   return out
 
 
-def _family(name: str, spec: _Spec, architectures: tuple[str, ...]) -> Family:
-  return Family(
-      name=name, architectures=architectures,
-      config_from_hf=functools.partial(config_from_hf, spec),
-      config_to_hf=functools.partial(config_to_hf, spec),
-      params_from_hf=functools.partial(params_from_hf, spec),
-      params_to_hf=functools.partial(params_to_hf, spec))
+def _family(spec: _Spec, *architectures: str):
+  return map_family(spec.model_type, architectures, functools.partial(config_from_hf, spec),
+                    functools.partial(config_to_hf, spec), functools.partial(tensor_map, spec),
+                    per_class=True)
 
 
-FAMILIES = (_family("bert", BERT, ("BertModel", "BertForMaskedLM", "BertForPreTraining")),
-            _family("roberta", ROBERTA, ("RobertaModel", "RobertaForMaskedLM")),
-            _family("distilbert", DISTILBERT, ("DistilBertModel", "DistilBertForMaskedLM")))
+FAMILIES = (_family(BERT, "BertModel", "BertForMaskedLM", "BertForPreTraining"),
+            _family(ROBERTA, "RobertaModel", "RobertaForMaskedLM"),
+            _family(DISTILBERT, "DistilBertModel", "DistilBertForMaskedLM"))

@@ -2,9 +2,10 @@
 RoPE config spellings, and the few config fields every family writes the same way.
 
 A family describes its checkpoint as a `TensorMap`: 1:1 renames (optionally transposing a
-torch Linear weight [out, in] into a jaxlm kernel [in, out]) and fused tensors that split
-into several jaxlm tensors (QKV layouts). The same description drives import and export,
-so names map exactly both ways, and every import error names the Hugging Face tensor.
+torch Linear weight [out, in] into a jaxlm kernel [in, out]), fused tensors that split
+into several jaxlm tensors (QKV layouts) and tied copies saved under a second name. The
+same description drives import and export, so names map exactly both ways, and every
+import error names the Hugging Face tensor.
 """
 
 from __future__ import annotations
@@ -59,16 +60,34 @@ class Rename:
   transpose: bool = False  # torch Linear weight <-> jaxlm kernel
 
 
-class TensorMap:
-  """The full name/layout correspondence of one model; built per config."""
+@dataclasses.dataclass(frozen=True)
+class Duplicate:
+  """A tied parameter that HF files may hold twice: `copy` is a second name for `of`."""
 
-  def __init__(self, base_prefix: str = "", ignore: Sequence[str] = ()):
+  copy: str
+  of: str
+  write: bool  # export writes the copy too
+
+
+class TensorMap:
+  """The full name/layout correspondence of one model; built per config.
+
+  On import, each incoming name is first brought to the form the rules are matched in:
+  the `legacy` regex substitutions ((pattern, replacement), e.g. TF-era
+  `LayerNorm.gamma` -> `LayerNorm.weight`) are applied, then `base_prefix` is dropped where
+  present, on incoming and rule names alike. HF checkpoints saved from the base model omit
+  that prefix ("h.0..." vs "transformer.h.0...") and head models add it; transformers
+  accepts both, so do we. `ignore` regexes are searched in the matched form of each tensor
+  that no rule used: non-parameter buffers, tied duplicates, other models' heads.
+  """
+
+  def __init__(self, base_prefix: str = "", ignore: Sequence[str] = (),
+               legacy: Sequence[tuple[str, str]] = ()):
     self.rules: list[Rename | Fused | Stacked] = []
-    # HF checkpoints saved from the base model omit this prefix ("h.0..." vs
-    # "transformer.h.0..."); transformers accepts both, so do we.
+    self.duplicates: list[Duplicate] = []
     self.base_prefix = base_prefix
-    self.ignore = [re.compile(p) for p in ignore]  # non-parameter buffers, tied duplicates
-    self.top_level: set[str] = set()  # names outside the base model (the LM head)
+    self.ignore = [re.compile(p) for p in ignore]
+    self.legacy = [(re.compile(p), repl) for p, repl in legacy]
 
   def rename(self, hf: str, jax: str, *, transpose: bool = False) -> TensorMap:
     self.rules.append(Rename(hf, jax, transpose))
@@ -90,11 +109,17 @@ class TensorMap:
   def lm_head(self, hf_prefix: str, *, tied: bool) -> TensorMap:
     """Untied: a bias-free Linear. Tied: the head is the token embedding, and a duplicate
     copy that some checkpoints still carry is ignored (transformers re-ties it too)."""
-    self.top_level.add(f"{hf_prefix}.weight")
     if tied:
       self.ignore.append(re.compile(rf"^{re.escape(hf_prefix)}\.weight$"))
     else:
       self.linear(hf_prefix, "lm_head", bias=False)
+    return self
+
+  def duplicate(self, copy: str, of: str, *, write: bool) -> TensorMap:
+    """`copy` names the same tensor as the HF tensor `of` (a tied parameter that
+    transformers saves under both names). Import reads `of`, or `copy` when only that is
+    present; export writes the copy as well when `write`."""
+    self.duplicates.append(Duplicate(copy, of, write))
     return self
 
   def fused(self, hf: str, jax: Sequence[str], split, fuse) -> TensorMap:
@@ -106,41 +131,67 @@ class TensorMap:
     return self
 
   # ---- import ---------------------------------------------------------------------------
-  def _with_prefix(self, tensors: Tensors) -> Tensors:
-    p = self.base_prefix
-    if not p or any(k.startswith(p) for k in tensors):
-      return tensors
-    return {(k if k in self.top_level else p + k): v for k, v in tensors.items()}
+  def _key(self, name: str) -> str:
+    """The form a name is matched in: without the base-model prefix."""
+    return name.removeprefix(self.base_prefix) if self.base_prefix else name
+
+  def _found(self, tensors: Tensors) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """Incoming tensors by matched form -> [(name in the checkpoint, tensor)]; more than
+    one only in a file that spells a name two ways."""
+    found: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for name, value in tensors.items():
+      key = name
+      for pattern, repl in self.legacy:
+        key = pattern.sub(repl, key)
+      found.setdefault(self._key(key), []).append((name, value))
+    return found
 
   def from_hf(self, tensors: Tensors, expected: dict[str, tuple], arch: str) -> Tensors:
     """HF tensors -> jaxlm tensors. Missing, unexpected and misshapen tensors raise
     DataError naming the HF tensor; `expected` holds the jaxlm shapes."""
-    tensors = self._with_prefix(tensors)
-    out: Tensors = {}
+    found = self._found(tensors)
     used = set()
+    for dup in self.duplicates:
+      copy = self._key(dup.copy)
+      if copy in found:  # the same tensor: read under the main name unless that is present
+        found.setdefault(self._key(dup.of), found[copy])
+        used.add(copy)
+
+    def get(hf: str) -> tuple[str, np.ndarray]:
+      key = self._key(hf)
+      if key not in found:
+        raise DataError(f"{SOURCE}: missing tensor {hf!r} (needed by {arch})")
+      if len(found[key]) > 1:
+        raise DataError(f"{SOURCE}: tensors {found[key][0][0]!r} and {found[key][1][0]!r} "
+                        f"are two spellings of {hf!r}; keep one")
+      used.add(key)
+      return found[key][0]
+
+    out: Tensors = {}
     for rule in self.rules:
       if isinstance(rule, Stacked):
-        out[rule.jax] = _from_stacked(rule, tensors, expected, arch)
-        used.update(rule.hf)
+        out[rule.jax] = _from_stacked(rule, [get(k) for k in rule.hf], expected, arch)
         continue
-      if rule.hf not in tensors:
-        raise DataError(f"{SOURCE}: missing tensor {rule.hf!r} (needed by {arch})")
-      value = tensors[rule.hf]
-      used.add(rule.hf)
+      name, value = get(rule.hf)
       if isinstance(rule, Rename):
-        parts = {rule.jax: linear_to_kernel(value) if rule.transpose else value}
-      else:
-        try:
-          parts = dict(zip(rule.jax, rule.split(value), strict=True))
-        except ValueError:
-          parts = None
+        want = expected.get(rule.jax)
+        hf_want = want[::-1] if rule.transpose and want is not None else want
+        if tuple(value.shape) != hf_want:
+          raise DataError(f"{SOURCE}: tensor {name!r} has shape {tuple(value.shape)}, expected "
+                          f"{hf_want} by the config ({arch}: {rule.jax} {want})")
+        out[rule.jax] = linear_to_kernel(value) if rule.transpose else value
+        continue
+      try:
+        parts = dict(zip(rule.jax, rule.split(value), strict=True))
+      except ValueError:
+        parts = None
       if parts is None or any(tuple(v.shape) != expected.get(k) for k, v in parts.items()):
-        raise DataError(f"{SOURCE}: tensor {rule.hf!r} has shape {tuple(value.shape)}, which "
+        raise DataError(f"{SOURCE}: tensor {name!r} has shape {tuple(value.shape)}, which "
                         f"does not match the config ({arch}: "
-                        + ", ".join(f"{k} {expected.get(k)}" for k in _names(rule)) + ")")
+                        + ", ".join(f"{k} {expected.get(k)}" for k in rule.jax) + ")")
       out.update(parts)
-    extra = sorted(k for k in tensors
-                   if k not in used and not any(p.search(k) for p in self.ignore))
+    extra = sorted(name for key, spellings in found.items() for name, _ in spellings
+                   if key not in used and not any(p.search(key) for p in self.ignore))
     if extra:
       raise DataError(f"{SOURCE}: unexpected tensor {extra[0]!r} for {arch} with this config"
                       + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
@@ -158,6 +209,7 @@ class TensorMap:
                        strict=True))
       else:
         out[rule.hf] = np.ascontiguousarray(rule.fuse([params[k] for k in rule.jax]))
+    out.update({dup.copy: out[dup.of] for dup in self.duplicates if dup.write})
     missing = set(params) - {n for r in self.rules for n in _names(r)}
     if missing:  # a jaxlm parameter the HF format has no place for: a mapping bug
       raise DataError(f"save_pretrained: no Hugging Face name for {sorted(missing)[0]!r}")
@@ -168,19 +220,18 @@ def _names(rule: Rename | Fused | Stacked) -> tuple[str, ...]:
   return (rule.jax,) if isinstance(rule.jax, str) else rule.jax
 
 
-def _from_stacked(rule: Stacked, tensors: Tensors, expected: dict, arch: str) -> np.ndarray:
-  missing = [k for k in rule.hf if k not in tensors]
-  if missing:
-    raise DataError(f"{SOURCE}: missing tensor {missing[0]!r} (needed by {arch})")
-  parts = [tensors[k] for k in rule.hf]
+def _from_stacked(rule: Stacked, found: Sequence[tuple[str, np.ndarray]], expected: dict,
+                  arch: str) -> np.ndarray:
+  """`found`: (name in the checkpoint, tensor) for each of `rule.hf`."""
+  names, parts = [k for k, _ in found], [p for _, p in found]
   want = expected.get(rule.jax)
-  for k, p in zip(rule.hf, parts):
+  for k, p in zip(names, parts):
     if p.shape != parts[0].shape or want is None or len(want) != p.ndim + 1:
       raise DataError(f"{SOURCE}: tensor {k!r} has shape {tuple(p.shape)}, which does not "
                       f"match the config ({arch}: {rule.jax} {want})")
   value = rule.stack(parts)
   if tuple(value.shape) != want:
-    raise DataError(f"{SOURCE}: tensor {rule.hf[0]!r} has shape {tuple(parts[0].shape)}, which "
+    raise DataError(f"{SOURCE}: tensor {names[0]!r} has shape {tuple(parts[0].shape)}, which "
                     f"does not match the config ({arch}: {rule.jax} {want}, "
                     f"{len(rule.hf)} stacked)")
   return value
@@ -189,14 +240,19 @@ def _from_stacked(rule: Stacked, tensors: Tensors, expected: dict, arch: str) ->
 def map_family(name: str, architectures: Sequence[str],
                config_from_hf: Callable[[dict], ModelConfig],
                config_to_hf: Callable[[ModelConfig, str], dict],
-               tensor_map: Callable[[ModelConfig], TensorMap]) -> Family:
-  """A family whose tensors are fully described by `tensor_map(cfg)`."""
+               tensor_map: Callable[..., TensorMap], *, per_class: bool = False) -> Family:
+  """A family whose tensors are fully described by `tensor_map(cfg)`, or by
+  `tensor_map(cfg, arch)` with `per_class` when its HF classes hold different tensors
+  (BERT's base model and heads)."""
+
+  def the_map(cfg: ModelConfig, arch: str) -> TensorMap:
+    return tensor_map(cfg, arch) if per_class else tensor_map(cfg)
 
   def params_from(tensors: Tensors, cfg: ModelConfig, arch: str, expected) -> Tensors:
-    return tensor_map(cfg).from_hf(tensors, expected, arch)
+    return the_map(cfg, arch).from_hf(tensors, expected, arch)
 
   def params_to(params: Tensors, cfg: ModelConfig, arch: str) -> Tensors:
-    return tensor_map(cfg).to_hf(params)
+    return the_map(cfg, arch).to_hf(params)
 
   return Family(name, tuple(architectures), config_from_hf, config_to_hf, params_from,
                 params_to)
