@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 
-# glibc malloc settings that remove most page faults (/work/shared/PERF-NOTES.md); set
+# glibc malloc settings that remove most page faults (docs/performance.md#memory-and-allocator); set
 # before JAX starts, for both sides alike.
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
               "MALLOC_TRIM_THRESHOLD_": "8000000000", "MALLOC_TOP_PAD_": "268435456"}

@@ -32,9 +32,9 @@ from common import write_json  # noqa: E402
 
 # The same allocator environment for both sides. glibc's transparent-huge-page tunable
 # cuts the minor page faults of the large per-step buffers (both frameworks allocate and
-# free them every step) by 512x. Measured here on 2026-11-28 against shared/PERF-NOTES.md's
-# settings (MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=8e9
-# MALLOC_TOP_PAD_=256MiB): as fast or faster for jaxlm, much faster for torch bf16 (BERT
+# free them every step) by 512x. Measured here on 2026-11-28 against the prototype's
+# settings (docs/performance.md#memory-and-allocator: MALLOC_ARENA_MAX=1
+# MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=8e9 MALLOC_TOP_PAD_=256MiB): as fast or faster for jaxlm, much faster for torch bf16 (BERT
 # ~6.1k -> ~9.3k tok/s), and a stable peak RSS, where those settings let the heap grow by
 # 256-350 MiB at random steps. --env old restores them.
 BENCH_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}

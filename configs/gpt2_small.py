@@ -24,7 +24,8 @@ def get_config(arg=None):
       hidden_act="gelu_new", norm_type="layernorm", norm_position="pre", layer_norm_eps=1e-5,
       position_embedding_type="absolute", max_position_embeddings=1024, type_vocab_size=0,
       tie_word_embeddings=True, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-      dtype="bfloat16")  # bf16 matmuls with f32 params: AMX speed (shared/PERF-NOTES.md)
+      dtype="bfloat16")  # bf16 matmuls with f32 params: AMX speed
+      # (docs/performance.md#cpu-matmuls-and-dtypes)
   experiment.causal_lm_run(c, max_seq_len=512, batch_size=16, learning_rate=6e-4)
   if arg == "tiny":
     c.model.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

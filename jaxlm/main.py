@@ -34,7 +34,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process
 
 def _tune_malloc() -> None:
   """glibc malloc without per-allocation mmap or trimming: XLA:CPU's step buffers
-  otherwise cost ~100k page faults a step (shared/PERF-NOTES.md: +12-27% speed)."""
+  otherwise cost ~100k page faults a step (docs/performance.md#memory-and-allocator)."""
   try:
     libc = ctypes.CDLL("libc.so.6")
   except OSError:  # not glibc

@@ -16,21 +16,17 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import jaxlm
+from conftest import fixture
 from jaxlm import ConfigError, DataError
 from jaxlm.hf import family_of, read_hf_config
 from jaxlm.layers.attention import Attention, dot_product_attention
 from jaxlm.layers.position import alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq
 from jaxlm.models.decoder import segment_positions
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 FAMILIES = ("gpt2", "llama", "llama3_scaling", "mistral", "bloom", "mpt", "gpt_neox",
             "llama_sharded")
 LEGACY = ("llama", "llama3_scaling", "mistral", "gpt_neox")  # have config.legacy.json
 CASES = [(f, False) for f in FAMILIES] + [(f, True) for f in LEGACY]
-
-
-def fixture(name):
-  return os.path.join(FIXTURES, name)
 
 
 def legacy_copy(tmp_path, name):

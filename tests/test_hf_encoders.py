@@ -12,11 +12,11 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import jaxlm
+from conftest import fixture
 from jaxlm import ConfigError, DataError, JaxlmError, ModelConfig, build_model
 from jaxlm.hf import family_of
 from jaxlm.params import flat_params
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 CLASSES = {
     "bert": "BertModel",
     "bert_mlm": "BertForMaskedLM",
@@ -28,10 +28,6 @@ CLASSES = {
 OUTPUTS = ("logits", "nsp_logits", "last_hidden_state", "pooler_output")
 SMALL = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
              intermediate_size=32, max_position_embeddings=32)
-
-
-def fixture(name):
-  return os.path.join(FIXTURES, name)
 
 
 def run(model, name):

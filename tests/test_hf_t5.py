@@ -15,16 +15,12 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import jaxlm
-from jaxlm import ConfigError, DataError, build_model
+from conftest import fixture
+from jaxlm import ConfigError, DataError, Runtime, build_model
 from jaxlm.hf import family_of, read_hf_config
 from jaxlm.layers.position import RelativePositionBias, relative_position_bucket
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 FAMILIES = ("t5", "t5_v1_1")
-
-
-def fixture(name):
-  return os.path.join(FIXTURES, name)
 
 
 def inputs(name):
@@ -256,7 +252,7 @@ def test_encoder_padding_does_not_change_real_positions(loaded, outputs):
 
 def test_bf16_forward_close_to_fp32(loaded, outputs):
   f32 = loaded["t5"]
-  bf16 = build_model(f32.config.replace(dtype="bfloat16"))
+  bf16 = build_model(f32.config, runtime=Runtime(dtype="bfloat16"))
   nnx.update(bf16, nnx.state(f32, nnx.Param))
   got, _ = forward(bf16, inputs("t5"))
   want = outputs["t5"][0]

@@ -115,7 +115,8 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask, *, bias=None, dropout_ra
   G = N // K
   q_BTKGH = q_BTNH.reshape(B, T, K, G, H) * (H ** -0.5 if scale is None else scale)
   # Logits [B, K, T, G, S]: the query's (t, g) order, so the matmul writes them in place
-  # (a [B, K, G, T, S] layout cost a transposed copy of the largest tensor per layer).
+  # (a [B, K, G, T, S] layout cost a transposed copy of the largest tensor per layer;
+  # docs/performance.md#matmul-layouts-on-cpu).
   logits_BKTGS = einsum("btkgh,bskh->bktgs", q_BTKGH, k_BSKH, dtype, b_grad_order="bkhs")
   if bias is not None:
     # Query head n = k * G + g, matching the reshape of q above.

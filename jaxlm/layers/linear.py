@@ -23,6 +23,7 @@ def materialize(x):
   conditional, so `x` passes through one whose predicate it cannot fold. CPU drops
   optimization barriers, so they cannot serve. On a mesh, reading an element would cost a
   collective, and other backends do not need it, so there it is the identity.
+  (docs/performance.md#matmul-layouts-on-cpu, #xla-cpu-fusion-and-barriers)
   """
   if jax.default_backend() != "cpu" or sharded_over_devices() or x.size == 0:
     return x

@@ -39,7 +39,7 @@ def grad_barrier(x):
   """Identity whose cotangent is computed once and stored (linear.materialize): the
   residual stream's gradient is an elementwise chain (layer-norm backward plus sums)
   across all blocks, which XLA:CPU otherwise recomputed in every block, a fifth of a GPT
-  step."""
+  step (docs/performance.md#xla-cpu-fusion-and-barriers)."""
   return x
 
 

@@ -72,7 +72,8 @@ def release_host_memory() -> None:
 
   Compiling a train step leaves the compiler's freed memory scattered through the heap, too
   fragmented to hold the step's buffers, which then come on top of it: on CPU, where those
-  buffers live in the same memory, a third more peak RSS for nothing."""
+  buffers live in the same memory, a third more peak RSS for nothing
+  (docs/performance.md#memory-and-allocator)."""
   try:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
   except (OSError, AttributeError):
