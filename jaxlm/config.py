@@ -42,6 +42,20 @@ _CHOICES = {
 }
 
 
+def read_json_object(path: str | os.PathLike, error: type[Exception] = ConfigError) -> dict:
+  """A JSON file holding an object (config.json); anything else is `error` naming it."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      d = json.load(f)
+  except FileNotFoundError:
+    raise error(f"{path}: no such file") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise error(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(d, dict):
+    raise error(f"{path}: not a JSON object")
+  return d
+
+
 @dataclasses.dataclass(frozen=True)
 class Runtime:
   """How a model runs rather than what it is: never part of config.json. Set by the
@@ -234,16 +248,7 @@ class ModelConfig:
 
   @classmethod
   def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
-    try:
-      with open(path, encoding="utf-8") as f:
-        d = json.load(f)
-    except FileNotFoundError:
-      raise ConfigError(f"{path}: no such config file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ConfigError(f"{path}: not a valid JSON config ({e})") from None
-    if not isinstance(d, dict):
-      raise ConfigError(f"{path}: config must be a JSON object")
-    return cls.from_dict(d, hf=True)
+    return cls.from_dict(read_json_object(path), hf=True)
 
   @classmethod
   def from_pretrained(cls, directory: str | os.PathLike) -> ModelConfig:

@@ -11,9 +11,9 @@ A new family is a module here plus one entry in the import list below.
 
 from __future__ import annotations
 
-import json
 import os
 
+from jaxlm.config import read_json_object
 from jaxlm.errors import DataError
 from jaxlm.hf import bert, bloom, gpt2, gpt_neox, llama, mixtral, mpt, t5
 from jaxlm.hf.family import Family, Tensors
@@ -35,14 +35,6 @@ def family_of(arch: str, source: str) -> Family:
 
 
 def read_hf_config(directory: str) -> dict:
-  path = os.path.join(directory, "config.json")
-  try:
-    with open(path, encoding="utf-8") as f:
-      raw = json.load(f)
-  except FileNotFoundError:
-    raise DataError(f"{directory}: no config.json") from None
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise DataError(f"{path}: not valid JSON ({e})") from None
-  if not isinstance(raw, dict):
-    raise DataError(f"{path}: not a JSON object")
-  return raw
+  if not os.path.exists(os.path.join(directory, "config.json")):
+    raise DataError(f"{directory}: no config.json")
+  return read_json_object(os.path.join(directory, "config.json"), DataError)
