@@ -9,6 +9,7 @@ its workdir (`fresh_workdir`) instead of preparing it again.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -48,3 +49,15 @@ def fresh_workdir(tmp_path: Path, tiny_corpus: Path, name: str = "run") -> Path:
   wd = tmp_path / name
   shutil.copytree(tiny_corpus, wd / "data")
   return wd
+
+
+def dot_operand_types(fn, *args) -> list[str]:
+  """Element types of the first operand of every dot in `fn`'s lowered StableHLO ("bf16",
+  "f32", ...): proof that a precision setting reached the compiled program."""
+  import jax  # noqa: PLC0415
+  return dot_types_in(jax.jit(fn).lower(*args).as_text())
+
+
+def dot_types_in(stablehlo: str) -> list[str]:
+  """Element types of the first operand of every dot in a lowered program's text."""
+  return re.findall(r"dot_general[^\n]*?: \(tensor<[0-9x]*(\w+)>", stablehlo)

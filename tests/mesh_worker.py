@@ -11,10 +11,13 @@ SPEC: {"data": prepared corpus dir, "runs": [{"name", "config": "configs/x.py:va
 final weights stay in each workdir's model/model.safetensors.
 """
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 
@@ -73,7 +76,12 @@ def main(spec_path: str, out_path: str) -> None:
     res = {}
     if run.get("check_sharding"):
       res["sharding"] = sharding_report(cfg, wd)
-    rep = loop.train(cfg, wd)
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+      rep = loop.train(cfg, wd)
+    sys.stderr.write(log.getvalue())
+    resumed = re.findall(r"resuming from checkpoint at step (\d+)", log.getvalue())
+    res["resumed_from"] = int(resumed[0]) if resumed else None
     rows = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
     res["losses"] = [r["loss"] for r in rows if "loss" in r]
     res["val_loss"] = rep["val_loss"]

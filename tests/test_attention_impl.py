@@ -83,6 +83,16 @@ def test_pallas_matches_xla_on_packed_rows():
 
 def test_impl_switch_errors_and_auto():
   assert resolve_impl("auto") == "xla"  # CPU: the reference (Pallas would interpret)
+  # On a GPU, auto never lowers an fp32 model's attention precision; half models get cuDNN.
+  assert resolve_impl("auto", dtype=jnp.float32, platform="gpu") == "xla"
+  assert resolve_impl("auto", dtype=jnp.bfloat16, platform="gpu") == "cudnn"
+  assert resolve_impl("auto", dtype=jnp.float16, platform="gpu") == "cudnn"
+  assert resolve_impl("auto", dtype=jnp.bfloat16, platform="tpu") == "pallas"
+  assert resolve_impl("auto", dense_bias=True, platform="tpu") == "xla"
+  assert resolve_impl("cudnn", dtype=jnp.bfloat16, platform="gpu") == "cudnn"
+  with pytest.raises(ConfigError, match=r"'cudnn' runs attention in bf16/fp16, but the model "
+                                        r"computes in float32"):
+    resolve_impl("cudnn", dtype=jnp.float32, platform="gpu")
   with pytest.raises(ConfigError, match=r"attention_impl='cudnn' needs an NVIDIA GPU"):
     resolve_impl("cudnn")
   cfg = jaxlm.from_pretrained(os.path.join(FIXTURES, "t5")).config

@@ -257,7 +257,7 @@ def test_tiny_mixtral_routes_evenly_and_logs_router_balance(trained):
 
 
 @pytest.mark.slow
-def test_causal_resume_from_checkpoint_is_exact(trained, tmp_path):
+def test_causal_resume_from_checkpoint_is_exact(trained, tmp_path, capsys):
   src = trained["llama_1b"][0]
   wd = tmp_path / "resumed"
   shutil.copytree(src, wd)
@@ -265,7 +265,11 @@ def test_causal_resume_from_checkpoint_is_exact(trained, tmp_path):
   shutil.rmtree(wd / "model")
   cfg = llama_1b.get_config("tiny")
   cfg.eval.samples = 0  # not part of the training state; saves a compile
+  capsys.readouterr()
   rep = loop.train(cfg, str(wd))
+  # It resumed from the step-40 checkpoint (a run that ignored it would also reach the same
+  # numbers: training is deterministic).
+  assert f"resuming from checkpoint at step 40 in {wd}" in capsys.readouterr().err
   assert rep["steps"] == 80 and rep["val_loss"] == trained["llama_1b"][2]["val_loss"]
   a = load_file(str(src / "model/model.safetensors"))
   b = load_file(str(wd / "model/model.safetensors"))

@@ -111,9 +111,6 @@ def _out_and_grads(fn, q, k, v, w):
   return out, vjp(w)
 
 
-ERRORS = {}  # case -> max errors, printed by the last test (pytest -s)
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name):
   case = CASES[name]
@@ -132,7 +129,7 @@ def test_matches_reference(name):
   pairs.update({n: (f32(g), r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
   errs = {n: float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))
           for n, (a, b) in pairs.items()}
-  ERRORS[name] = errs
+  print(f"{name:34s} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()))  # pytest -s
   assert all(e <= TOL[dtype] for e in errs.values()), errs
   # Rows with no visible key are exactly zero (not NaN, not a uniform average of V).
   assert np.all(np.where(rows, 0.0, np.asarray(f32(out))) == 0.0)
@@ -254,9 +251,3 @@ def _export_and_count(platform, D, dtype):
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(*args)
   calls = re.findall(r"custom_call @(\S+)\(", exported.mlir_module())
   assert calls.count(target) == 3, calls  # forward, dQ and dK/dV kernels
-
-
-def test_zz_report_errors():
-  """Prints the max errors of the reference comparisons (visible with pytest -s)."""
-  for name, errs in ERRORS.items():
-    print(f"{name:34s} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()))

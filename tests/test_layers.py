@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import dot_operand_types
 from jaxlm import ModelConfig, Runtime, build_model
 from jaxlm.layers.attention import causal_mask, dot_product_attention, padding_mask
 
@@ -63,6 +64,12 @@ def test_bf16_compute_close_to_f32():
   a, b = m32(ids).logits, m16(ids).logits
   assert nnx.state(m16, nnx.Param)["bert"]["pooler"]["kernel"][...].dtype == jnp.float32
   assert jnp.abs(a - b).max() < 0.05 * jnp.abs(a).max()
+  # bf16 really reached the matmuls: bf16 dots in the program, and more than f32 rounding
+  # apart (an ignored runtime dtype would give identical logits).
+  assert jnp.abs(a - b).max() > 1e-4 * jnp.abs(a).max()
+  types = {d: dot_operand_types(lambda x, m=m: m(x).logits, ids) for d, m in (("32", m32),
+                                                                               ("16", m16))}
+  assert set(types["32"]) == {"f32"} and types["16"].count("bf16") >= 6, types
 
 
 def test_dropout_is_seeded():
@@ -86,7 +93,10 @@ def test_bf16_matmul_gradients_close_to_f32():
   g16 = jax.grad(f(jnp.bfloat16), argnums=(0, 1))(x, w)
   for a, b in zip(g32, g16):
     assert a.shape == b.shape and a.dtype == b.dtype == jnp.float32
-    assert jnp.abs(a - b).max() < 0.05 * jnp.abs(a).max()
+    assert 1e-4 * jnp.abs(a).max() < jnp.abs(a - b).max() < 0.05 * jnp.abs(a).max()
+  # Forward and both backward matmuls in bf16 (the custom VJP casts the cotangent).
+  grad16 = jax.grad(f(jnp.bfloat16), argnums=(0, 1))
+  assert dot_operand_types(grad16, x, w).count("bf16") == 3
 
 
 @pytest.mark.parametrize("transpose_w", [False, True])

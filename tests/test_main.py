@@ -86,17 +86,31 @@ def test_eval_mode_reproduces_final_validation(trained, tmp_path):
   np.testing.assert_allclose(out["test_nsp_accuracy"], rep["test_nsp_accuracy"], rtol=1e-6)
 
 
-def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path, tiny_corpus):
-  # Dropout on, so the resumed run must also reproduce the dropout masks.
-  args = ["--config.train.steps=30", "--config.checkpoint.every=10",
-          "--config.model.hidden_dropout_prob=0.1"]
-  a = fresh_workdir(tmp_path, tiny_corpus, "uninterrupted")
-  ra = run_main(a, *args)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_corpus):
+  a = fresh_workdir(tmp_path_factory.mktemp("uninterrupted"), tiny_corpus)
+  ra = run_main(a, *KILL_ARGS)
   assert ra.returncode == 0, ra.stderr[-3000:]
+  return a
+
+
+# Dropout on, so a resumed run must also reproduce the dropout masks.
+KILL_ARGS = ["--config.train.steps=30", "--config.checkpoint.every=10",
+             "--config.model.hidden_dropout_prob=0.1"]
+
+
+@pytest.mark.parametrize("where", ["JAXLM_KILL_AT_STEP", "JAXLM_KILL_IN_SAVE_AT_STEP"])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_corpus, uninterrupted, where):
+  """SIGKILL between steps (15), or inside the step-20 checkpoint write (its temporary
+  directory written, not yet finalized); the rerun resumes from step 10, bit for bit."""
+  args, a = KILL_ARGS, uninterrupted
   b = fresh_workdir(tmp_path, tiny_corpus, "killed")
-  rb = run_main(b, *args, env={"JAXLM_KILL_AT_STEP": "15"})
+  rb = run_main(b, *args, env={where: "15" if where == "JAXLM_KILL_AT_STEP" else "20"})
   assert rb.returncode == -signal.SIGKILL
   assert not (b / "model").exists()
+  ckpts = sorted(p.name for p in (b / "checkpoints").iterdir())
+  if where == "JAXLM_KILL_IN_SAVE_AT_STEP":  # the half-written step-20 checkpoint is there
+    assert "10" in ckpts and "20" not in ckpts and any(n.startswith("20.") for n in ckpts), ckpts
   rb = run_main(b, *args)
   assert rb.returncode == 0, rb.stderr[-3000:]
   assert "resuming from checkpoint at step 10" in rb.stderr

@@ -29,7 +29,7 @@ from jaxlm.train.optim import make_optimizer
 from jaxlm.train.steps import make_train_step
 
 from configs import bert_tiny, llama_1b, t5_small
-from conftest import REPO
+from conftest import REPO, dot_types_in
 
 MODELS = {"decoder": "configs/llama_1b.py:tiny", "bert": "configs/bert_tiny.py:tiny"}
 MESHES = {
@@ -133,6 +133,9 @@ def test_mixtral_trains_on_an_expert_mesh(runs):
 def test_checkpoint_restores_under_another_mesh(runs):
   full, resumed = runs["restore/data8"], runs["restore/f2t4"]
   assert len(full["losses"]) == 6
+  # The second run really restored step 3 (the step-6 checkpoint was removed); one that
+  # started over would log the same losses, training being deterministic.
+  assert full["resumed_from"] is None and resumed["resumed_from"] == 3
   # metrics.jsonl keeps steps 1-3 of the first run and steps 4-6 of the resumed one.
   np.testing.assert_allclose(resumed["losses"], full["losses"], rtol=1e-5)
 
@@ -140,7 +143,31 @@ def test_checkpoint_restores_under_another_mesh(runs):
 @pytest.mark.slow
 def test_bf16_matches_fp32_validation_loss(runs):
   fp32, bf16 = runs["bert/fp32"]["val_loss"], runs["bert/bf16"]["val_loss"]
-  assert abs(bf16 - fp32) / fp32 < 0.02, (fp32, bf16)
+  # Close, and not equal: an ignored train.precision would give the fp32 number exactly.
+  assert 1e-5 < abs(bf16 - fp32) / fp32 < 0.02, (fp32, bf16)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_precision_reaches_the_compiled_step(precision):
+  """train.precision=bf16 puts bf16 dots (forward and backward) in the lowered train
+  step, with f32 parameters; fp32 has none."""
+  cfg = bert_tiny.get_config("tiny")
+  cfg.train.precision = precision
+  mc = experiment.validate(cfg).replace(vocab_size=128)
+  model = auto.build_model(mc, runtime=experiment.runtime(cfg), seed=0)
+  graphdef, params = nnx.split(model, nnx.Param)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+  tx, _ = make_optimizer(cfg.train)
+  step = make_train_step(graphdef, tx, tasks.get("mlm+nsp"), seed=0, dropout=False)
+  rng, B, T, P = np.random.default_rng(0), 4, 64, 10
+  batch = {"input_ids": rng.integers(5, 128, (B, T)), "token_type_ids": np.zeros((B, T)),
+           "attention_mask": np.ones((B, T)), "masked_positions": np.tile(np.arange(P), (B, 1)),
+           "masked_ids": rng.integers(5, 128, (B, P)), "masked_weights": np.ones((B, P)),
+           "nsp_label": np.ones(B), "nsp_weight": np.ones(B)}
+  batch = {k: v.astype(np.float32 if "weight" in k else np.int32) for k, v in batch.items()}
+  types = dot_types_in(step.lower(params, tx.init(params), batch, 0).as_text())
+  n16 = types.count("bf16")
+  assert n16 == 0 if precision == "fp32" else n16 >= 0.75 * len(types) > 20, types
 
 
 # ---- in-process (one device) --------------------------------------------------------------
@@ -180,7 +207,7 @@ def test_remat_policies_give_the_same_gradients(mod):
   base = experiment.model_config(mod.get_config("tiny")).replace(vocab_size=128,
                                                                  hidden_dropout_prob=0.1)
   ids = jnp.asarray(np.random.default_rng(0).integers(5, 100, (2, 16)), jnp.int32)
-  grads = {}
+  grads, saved = {}, {}
   for remat in ("none", "full", "dots"):
     model = auto.build_model(base, runtime=Runtime(remat=remat), seed=0)
     graphdef, params = nnx.split(model, nnx.Param)
@@ -191,6 +218,11 @@ def test_remat_policies_give_the_same_gradients(mod):
       return model(ids, rngs=nnx.Rngs(dropout=1), **kw).logits.std()  # dropout on
 
     grads[remat] = jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+    # What the backward pass keeps: the residuals the VJP closes over.
+    residuals = jax.tree.leaves(jax.vjp(loss, params)[1])
+    saved[remat] = sum(x.size * x.dtype.itemsize for x in residuals)
+  # Remat really changes it: "full" keeps only block inputs, "dots" adds the matmul outputs.
+  assert saved["full"] < saved["dots"] < saved["none"], saved
   for remat in ("full", "dots"):
     for a, b in zip(grads["none"], grads[remat]):
       np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)

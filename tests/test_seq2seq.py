@@ -144,14 +144,16 @@ def test_tiny_t5_span_corruption_lowers_val_loss(trained):
 
 
 @pytest.mark.slow
-def test_t5_resume_and_eval_reproduce_the_report(trained, tmp_path):
+def test_t5_resume_and_eval_reproduce_the_report(trained, tmp_path, capsys):
   src, _, rep = trained
   wd = tmp_path / "resumed"
   shutil.copytree(src, wd)
   shutil.rmtree(wd / "checkpoints" / "80")
   cfg = t5_small.get_config("tiny")
   cfg.eval.samples = 0
+  capsys.readouterr()
   again = loop.train(cfg, str(wd))
+  assert f"resuming from checkpoint at step 40 in {wd}" in capsys.readouterr().err
   assert again["val_loss"] == rep["val_loss"]
   out = loop.evaluate(cfg, str(wd))
   np.testing.assert_allclose(out["test_loss"], rep["test_loss"], rtol=1e-6)
