@@ -2,11 +2,12 @@
 
 from jaxlm.config import ModelConfig, Runtime
 from jaxlm.errors import ConfigError, DataError, JaxlmError
+from jaxlm.generate import generate
 from jaxlm.models.auto import build_model
 from jaxlm.pretrained import from_pretrained, save_pretrained
 
 __all__ = ["ModelConfig", "Runtime", "ConfigError", "DataError", "JaxlmError", "build_model",
-           "from_pretrained", "save_pretrained", "load_tokenizer"]
+           "from_pretrained", "save_pretrained", "generate", "load_tokenizer"]
 __version__ = "0.1.0"
 
 

@@ -148,6 +148,12 @@ class ModelConfig:
   def __post_init__(self):
     self.validate()
 
+  def __hash__(self):
+    # Models keep their config as static data, and compiled functions that take a model's
+    # graph as a static argument (jaxlm.generate) need it hashable. Treat configs as
+    # immutable (`replace` makes a new one).
+    return hash(self.to_json_string())
+
   # ---- validation -----------------------------------------------------------------
   def validate(self) -> None:
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",

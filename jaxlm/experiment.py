@@ -105,6 +105,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.sample_prompt_tokens = 16
   c.eval.sample_new_tokens = 32
 
+  # --mode=generate (jaxlm/generate/cli.py): 0 / 1.0 switch a filter off
+  c.generate = ml_collections.ConfigDict()
+  c.generate.max_new_tokens = 64
+  c.generate.temperature = 0.0  # 0: greedy
+  c.generate.top_k = 0
+  c.generate.top_p = 1.0
+  c.generate.min_p = 0.0
+  c.generate.repetition_penalty = 1.0
+  c.generate.batch_size = 8  # prompts per compiled call (--prompts_file)
+  c.generate.seed = 0
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 200
   c.checkpoint.max_to_keep = 2

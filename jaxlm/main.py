@@ -21,7 +21,11 @@ from jaxlm.errors import JaxlmError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints, metrics.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "What to run.")
+_PROMPT = flags.DEFINE_string("prompt", None, "--mode=generate: one prompt.")
+_PROMPTS = flags.DEFINE_string("prompts_file", None, "--mode=generate: prompts, one a line "
+                               "or JSONL with a \"prompt\" field.")
+_OUTPUT = flags.DEFINE_string("output", None, "--mode=generate: JSONL results (default stdout).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-host: HOST:PORT of process 0, the same on every "
     "process (default: what JAX detects on a TPU pod, Slurm or Open MPI).")
@@ -47,15 +51,19 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax/absl INFO chatter drowns the progress bar
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _WORKDIR.value:
-    _fail("--workdir is required")
+  generating = _MODE.value == "generate"
   try:
     cfg = _CONFIG.value
+    if cfg is None and generating:  # a model directory needs no experiment config
+      from jaxlm.experiment import base_config
+      cfg = base_config()
     if cfg is None:
       _fail("--config is required (e.g. --config=configs/default.py)")
   except (OSError, ImportError, AttributeError, KeyError, TypeError, ValueError,
           SyntaxError) as e:
     _fail(f"--config: {_one_line(e)}")
+  if not _WORKDIR.value and not (generating and cfg.model.init_from):
+    _fail("--workdir is required")
   if os.environ.get("JAXLM_MALLOC_TUNING", "1") == "1":
     _tune_malloc()
   from jaxlm.parallel import distributed  # heavy imports after the cheap checks
@@ -66,7 +74,11 @@ def main(argv):
     _fail(_one_line(e))
   from jaxlm.train import loop
   try:
-    if _MODE.value == "eval":
+    if generating:
+      from jaxlm.generate import cli
+      cli.run(cfg, _WORKDIR.value or "", prompt=_PROMPT.value, prompts_file=_PROMPTS.value,
+              output=_OUTPUT.value)
+    elif _MODE.value == "eval":
       loop.evaluate(cfg, _WORKDIR.value)
     else:
       loop.train(cfg, _WORKDIR.value)

@@ -300,8 +300,8 @@ def test_attention_position_ids_equal_precomputed_rope():
   attn = Attention(32, 2, rope=rope, rngs=nnx.Rngs(0))
   x = np.random.default_rng(1).standard_normal((2, 5, 32), np.float32)
   pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
-  by_ids = nnx.jit(lambda m, x, p: m(x, position_ids=p))(attn, x, pos)
-  by_tables = nnx.jit(lambda m, x, p: m(x, rope=rope(p)))(attn, x, pos)
+  by_ids = nnx.jit(lambda m, x, p: m(x, position_ids=p)[1])(attn, x, pos)
+  by_tables = nnx.jit(lambda m, x, p: m(x, rope=rope(p))[1])(attn, x, pos)
   np.testing.assert_allclose(by_ids, by_tables, atol=1e-6)
 
 

@@ -194,6 +194,11 @@ class Tokenizer:
       return [e.ids for e in self._hf.encode_batch_fast(texts, add_special_tokens=False)]
     return self._sp.encode(texts, out_type=int)
 
+  def batch_decode(self, rows: Iterable[Iterable[int]], *, skip_special: bool = True
+                   ) -> list[str]:
+    """`decode` of each row (e.g. the output of jaxlm.generate)."""
+    return [self.decode([int(i) for i in row], skip_special=skip_special) for row in rows]
+
   def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
     """Text of `ids`; special tokens are dropped unless skip_special=False."""
     ids = [int(i) for i in ids]

@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.layers.dropout import dropout
-from jaxlm.layers.linear import Dense, einsum
 from jaxlm.errors import ConfigError
-from jaxlm.layers.position import RoPE, alibi_slopes, apply_rope
+from jaxlm.layers.dropout import dropout
+from jaxlm.layers.kv_cache import KVCache, cached_mask
+from jaxlm.layers.linear import Dense, einsum
+from jaxlm.layers.position import RoPE, alibi_bias, alibi_slopes, apply_rope
 from jaxlm.parallel.rules import constrain
 
 
@@ -83,18 +84,33 @@ class MaskSpec:
     return mask
 
 
-def resolve_impl(impl: str, *, dense_bias: bool = False) -> str:
-  """The backend to run: "auto" picks cuDNN on NVIDIA GPUs, our Pallas kernel on TPU and
-  the XLA reference elsewhere (Pallas on CPU runs in the slow interpret mode); an explicit
-  choice the platform or model cannot run is a one-line ConfigError."""
-  platform = jax.default_backend()
+_HALF = (jnp.bfloat16, jnp.float16)  # what cuDNN's fused attention computes in
+
+
+def resolve_impl(impl: str, *, dense_bias: bool = False, dtype=jnp.float32,
+                 platform: str | None = None) -> str:
+  """The backend to run for compute dtype `dtype` on `platform` (default: JAX's).
+
+  "auto" picks cuDNN on NVIDIA GPUs for bf16/fp16 models, our Pallas kernel on TPU and
+  the XLA reference elsewhere (Pallas on CPU runs in the slow interpret mode). A float32
+  model stays in float32 on a GPU too (the XLA reference): cuDNN's fused attention runs
+  in bf16/fp16 only, and auto never lowers a model's precision. An explicit choice the
+  platform or model cannot run is a one-line ConfigError. The GPU branches have run on
+  one H200 (benchmarks/results/gpu_train-h200-20261204.json); the tests fake the platform.
+  """
+  platform = platform or jax.default_backend()
+  half = jnp.dtype(dtype) in [jnp.dtype(d) for d in _HALF]
   if impl == "auto":
     if platform == "gpu":
-      return "cudnn"
+      return "cudnn" if half else "xla"
     return "pallas" if platform == "tpu" and not dense_bias else "xla"
   if impl == "cudnn" and platform != "gpu":
     raise ConfigError(f"model.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on "
                       f"{platform}; use 'xla', 'pallas' or 'auto'")
+  if impl == "cudnn" and not half:
+    raise ConfigError(f"model.attention_impl='cudnn' runs attention in bf16/fp16, but the "
+                      f"model computes in {jnp.dtype(dtype).name}; set model.dtype (or "
+                      "train.precision) to bf16, or use 'xla', 'pallas' or 'auto'")
   if impl == "pallas" and dense_bias:
     raise ConfigError("model.attention_impl='pallas' does not support a learned dense "
                       "attention bias (T5 relative positions); use 'xla' or 'auto'")
@@ -136,14 +152,16 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask, *, bias=None, dropout_ra
 
 
 class Attention(nnx.Module):
-  """Self- or cross-attention with q/k/v/o projections named as in most HF ports."""
+  """Self- or cross-attention (`cross=True`) with q/k/v/o projections named as in most HF
+  ports. Called with a KVCache (layers/kv_cache.py) it decodes incrementally: the same
+  code path serves a prefill of many tokens and a decode step of one."""
 
   def __init__(self, hidden_size: int, num_heads: int, *, num_kv_heads: int | None = None,
                head_dim: int | None = None, use_bias: bool = True, out_bias: bool | None = None,
                dropout_rate: float = 0.0, init_std: float = 0.02, impl: str = "xla",
                rope: RoPE | None = None, alibi: bool = False, dense_bias: bool = False,
-               scale: float | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               scale: float | None = None, cross: bool = False, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads or num_heads
     self.head_dim = head_dim or hidden_size // num_heads
@@ -156,40 +174,98 @@ class Attention(nnx.Module):
                    axes=("heads", "embed"), **kw)
     self.dropout_rate = dropout_rate
     # alibi: the `bias` callers pass is ALiBi, which the kernels compute from slopes.
-    self.impl = resolve_impl(impl, dense_bias=dense_bias)
+    self.impl = resolve_impl(impl, dense_bias=dense_bias, dtype=dtype)
     self.alibi = alibi
     self.rope = rope  # static spec: lets callers pass position_ids instead of cos/sin
     self.scale = scale
+    self.cross = cross
     self.dtype = dtype
 
+  def init_cache(self, batch_size: int, size: int, dtype=None) -> KVCache:
+    """An empty cache of `size` slots (for cross-attention: the encoder length)."""
+    return KVCache.init(batch_size, size, self.num_kv_heads, self.head_dim, dtype or self.dtype)
+
   def __call__(self, x_BTD, *, mask=None, kv_BSD=None, rope=None, position_ids=None,
-               bias=None, rngs: nnx.Rngs | None = None):
-    """Attends from x to kv (default: x itself).
+               bias=None, cache: KVCache | None = None, rngs: nnx.Rngs | None = None):
+    """Attends from x to kv (default: x itself); returns (cache, out [B, T, D]).
 
     Args:
       mask: a MaskSpec, or bool broadcastable to [B, 1, T, S] (True = attend; xla only).
+        With a cache, a MaskSpec: its causal flag and window apply to the cached
+        positions, and its kv_segment_ids (0 = padding) mark which new tokens are real.
       rope: (cos, sin), each [B, T, R], rotating the first R dims of q and k. Self-attention
         only: keys share the queries' positions (a KV cache stores keys already rotated).
       position_ids: [B, T]; with a `rope` spec given at construction, builds (cos, sin).
-      bias: additive logits bias broadcastable to [B, N, T, S] (ALiBi).
+        Required with a cache: the positions of the new tokens.
+      bias: additive logits bias broadcastable to [B, N, T, S] (ALiBi); with a cache, a
+        function (q_positions [B, T], k_positions [B, S]) -> bias (T5's buckets), since
+        only the cache knows the keys' positions. ALiBi is computed here from them.
+      cache: this layer's KVCache (None: no incremental decoding; then returned as None).
+        Cross-attention fills it from `kv_BSD` once and reads it when kv_BSD is None.
     """
-    kv_BSD = x_BTD if kv_BSD is None else kv_BSD
     B, T, _ = x_BTD.shape
-    S = kv_BSD.shape[1]
     heads = ("batch", "length", "heads", "head_dim")
-    kv_heads = ("batch", "length", "kv_heads", "head_dim")
     q_BTNH = constrain(self.q(x_BTD).reshape(B, T, self.num_heads, self.head_dim), heads)
-    k_BSKH = constrain(self.k(kv_BSD).reshape(B, S, self.num_kv_heads, self.head_dim), kv_heads)
-    v_BSKH = constrain(self.v(kv_BSD).reshape(B, S, self.num_kv_heads, self.head_dim), kv_heads)
-    if rope is None and position_ids is not None:
-      if self.rope is None:
-        raise ValueError("Attention: position_ids given but no rope spec at construction")
+    if cache is not None and self.cross and kv_BSD is None:  # encoder K/V already cached
+      k_BSKH, v_BSKH = cache.k, cache.v
+    else:
+      k_BSKH, v_BSKH = self._kv(x_BTD if kv_BSD is None else kv_BSD)
+    if rope is None and position_ids is not None and self.rope is not None:
       rope = self.rope(position_ids)
     if rope is not None:
       cos_BTR, sin_BTR = rope
       q_BTNH, k_BSKH = apply_rope(q_BTNH, cos_BTR, sin_BTR), apply_rope(k_BSKH, cos_BTR, sin_BTR)
-    out_BTNH = self._attend(q_BTNH, k_BSKH, v_BSKH, mask, bias, rngs)
-    return self.o(out_BTNH.reshape(B, T, self.num_heads * self.head_dim))
+    if cache is None:
+      out_BTNH = self._attend(q_BTNH, k_BSKH, v_BSKH, mask, bias, rngs)
+    else:
+      cache, out_BTNH = self._attend_cached(q_BTNH, k_BSKH, v_BSKH, mask, bias, cache,
+                                            position_ids, fresh=kv_BSD is not None)
+    return cache, self.o(out_BTNH.reshape(B, T, self.num_heads * self.head_dim))
+
+  def _kv(self, kv_BSD):
+    B, S, _ = kv_BSD.shape
+    kv_heads = ("batch", "length", "kv_heads", "head_dim")
+    k_BSKH = constrain(self.k(kv_BSD).reshape(B, S, self.num_kv_heads, self.head_dim), kv_heads)
+    v_BSKH = constrain(self.v(kv_BSD).reshape(B, S, self.num_kv_heads, self.head_dim), kv_heads)
+    return k_BSKH, v_BSKH
+
+  def _attend_cached(self, q_BTNH, k_BTKH, v_BTKH, mask, bias, cache, q_pos_BT, fresh):
+    """Incremental attention through the cache (the XLA path: decoding reads the whole
+    cache once per step, which no kernel speeds up much)."""
+    spec = mask if isinstance(mask, MaskSpec) else MaskSpec()
+    if self.cross:  # keys: the encoder states, real where kv_segment_ids > 0
+      if fresh:
+        S = k_BTKH.shape[1]
+        real_BS = (spec.kv_segment_ids > 0 if spec.kv_segment_ids is not None
+                   else jnp.ones(k_BTKH.shape[:2], bool))
+        cache = KVCache(k_BTKH.astype(cache.k.dtype), v_BTKH.astype(cache.v.dtype),
+                        jnp.where(real_BS, jnp.arange(S), -1).astype(jnp.int32),
+                        jnp.asarray(S, jnp.int32))
+      k_BSKH, v_BSKH, k_pos_BS = cache.k, cache.v, cache.pos
+      dense = (k_pos_BS >= 0)[:, None, None, :]
+      q_pos_BT = None
+    else:
+      if q_pos_BT is None:
+        raise ValueError("Attention with a KV cache needs the position_ids of the new tokens")
+      real_BT = (spec.kv_segment_ids > 0 if spec.kv_segment_ids is not None
+                 else jnp.ones(q_pos_BT.shape, bool))
+      new_pos_BT = jnp.where(real_BT, q_pos_BT, -1).astype(jnp.int32)
+      if k_BTKH.shape[1] == 1:  # decoding: write, then read the cache
+        cache = cache.write(k_BTKH, v_BTKH, new_pos_BT)
+        k_BSKH, v_BSKH, k_pos_BS = cache.k, cache.v, cache.pos
+      else:  # prefill: the new keys join the cache's (slots they overwrite included)
+        k_BSKH = jnp.concatenate([cache.k, k_BTKH.astype(cache.k.dtype)], axis=1)
+        v_BSKH = jnp.concatenate([cache.v, v_BTKH.astype(cache.v.dtype)], axis=1)
+        k_pos_BS = jnp.concatenate([cache.pos, new_pos_BT], axis=1)
+        cache = cache.write(k_BTKH, v_BTKH, new_pos_BT)
+      dense = cached_mask(q_pos_BT, k_pos_BS, causal=spec.causal, window=spec.window)
+    if self.alibi:
+      bias = alibi_bias(k_pos_BS, self.num_heads)
+    elif callable(bias):
+      bias = bias(q_pos_BT, k_pos_BS)
+    out = dot_product_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype),
+                                dense, bias=bias, dtype=self.dtype, scale=self.scale)
+    return cache, out
 
   def _attend(self, q_BTNH, k_BSKH, v_BSKH, mask, bias, rngs):
     T, S = q_BTNH.shape[1], k_BSKH.shape[1]
@@ -201,11 +277,11 @@ class Attention(nnx.Module):
                                    dropout_rate=self.dropout_rate, rngs=rngs,
                                    dtype=self.dtype, scale=self.scale)
     if self.impl == "cudnn":
-      kw = {} if bias is None else {"bias": bias.astype(jnp.bfloat16)}
+      # The model's own half dtype (resolve_impl refuses float32 models here).
+      kw = {} if bias is None else {"bias": bias.astype(self.dtype)}
       out = jax.nn.dot_product_attention(
-          q_BTNH.astype(jnp.bfloat16), k_BSKH.astype(jnp.bfloat16),
-          v_BSKH.astype(jnp.bfloat16), mask=dense, scale=self.scale, implementation="cudnn",
-          **kw)
+          q_BTNH.astype(self.dtype), k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype),
+          mask=dense, scale=self.scale, implementation="cudnn", **kw)
       return out.astype(jnp.float32)
     from jaxlm.kernels import flash_attention  # noqa: PLC0415 (Pallas: only when chosen)
     if spec is None and mask is not None:

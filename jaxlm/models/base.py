@@ -112,6 +112,11 @@ class PreTrainedModel(nnx.Module):
 
   saver = None  # jaxlm.pretrained.save_pretrained, set by that module (it imports this one)
 
+  def generate(self, input_ids, **kwargs):
+    """jaxlm.generate(self, input_ids, ...) (jaxlm/generate/decode.py)."""
+    from jaxlm.generate.decode import generate  # noqa: PLC0415 (generate needs no models)
+    return generate(self, input_ids, **kwargs)
+
   def save_pretrained(self, directory: str) -> str:
     """Hugging Face format where transformers can express the model, else a jaxlm export
     (jaxlm.save_pretrained)."""

@@ -34,7 +34,8 @@ def norm(cfg: ModelConfig) -> nnx.Module:
                    param_dtype=jnp.dtype(cfg.param_dtype))
 
 
-def attention(cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs) -> Attention:
+def attention(cfg: ModelConfig, rt: Runtime, *, cross: bool = False,
+              rngs: nnx.Rngs) -> Attention:
   """Self- or cross-attention as the config describes it. T5-style models (a learned
   relative-position bias) leave logits unscaled: T5 folds 1/sqrt(d) into the query
   initialization."""
@@ -44,9 +45,9 @@ def attention(cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs) -> Attention:
                    use_bias=cfg.attention_bias, out_bias=cfg.attention_out_bias,
                    dropout_rate=cfg.attention_probs_dropout_prob,
                    init_std=cfg.initializer_range, impl=rt.attention_impl,
-                   alibi=cfg.position_embedding_type == "alibi", rope=rope_spec(cfg),
-                   dense_bias=relative, scale=1.0 if relative else None, rngs=rngs,
-                   **dtypes(cfg, rt))
+                   alibi=cfg.position_embedding_type == "alibi" and not cross,
+                   rope=None if cross else rope_spec(cfg), dense_bias=relative,
+                   scale=1.0 if relative else None, cross=cross, rngs=rngs, **dtypes(cfg, rt))
 
 
 def feed_forward(cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs) -> nnx.Module:
@@ -75,26 +76,39 @@ class TransformerBlock(nnx.Module):
     self.attn_norm = norm(cfg)
     self.attn = attention(cfg, rt, rngs=rngs)
     self.cross_norm = norm(cfg) if cross else None
-    self.cross_attn = attention(cfg, rt, rngs=rngs) if cross else None
+    self.cross_attn = attention(cfg, rt, cross=True, rngs=rngs) if cross else None
     self.mlp_norm = norm(cfg)
     self.mlp = feed_forward(cfg, rt, rngs=rngs)
     self.layout = "parallel" if cfg.parallel_residual else cfg.norm_position
     self.dropout_rate = cfg.hidden_dropout_prob
 
+  def init_cache(self, batch_size: int, size: int, dtype=None) -> dict:
+    """{"self": KVCache of `size` slots} (+ "cross": an empty cache its first call fills)."""
+    cache = {"self": self.attn.init_cache(batch_size, size, dtype)}
+    if self.cross_attn is not None:
+      cache["cross"] = self.cross_attn.init_cache(batch_size, 0, dtype)
+    return cache
+
   def __call__(self, x_BTD, mask, *, rope=None, bias=None, enc_BSD=None, enc_mask=None,
-               cache=None, rngs: nnx.Rngs | None = None):
+               positions=None, cache: dict | None = None, rngs: nnx.Rngs | None = None):
     """One block; returns (cache, x_BTD).
 
     Args:
       mask: the self-attention mask (a MaskSpec or a dense boolean mask).
       rope: (cos, sin) for q and k; bias: additive self-attention logits bias (ALiBi,
-        T5 relative positions).
-      enc_BSD, enc_mask: encoder states and their mask, for cross-attention.
-      cache: carried through to the caller unchanged for now; the KV cache of
-        incremental decoding fills it in (see jaxlm/generate/).
+        T5 relative positions; see Attention for its form with a cache).
+      enc_BSD, enc_mask: encoder states and their mask, for cross-attention (with a
+        cache, encoder states are needed on the first call only).
+      positions: [B, T] positions of the tokens (required with a cache).
+      cache: this block's caches (`init_cache`), or None.
     """
+    cache = dict(cache) if cache is not None else None
+
     def attn(h_BTD):
-      out = self.attn(h_BTD, mask=mask, rope=rope, bias=bias, rngs=rngs)
+      c, out = self.attn(h_BTD, mask=mask, rope=rope, bias=bias, position_ids=positions,
+                         cache=None if cache is None else cache["self"], rngs=rngs)
+      if cache is not None:
+        cache["self"] = c
       return dropout(out, self.dropout_rate, rngs)
 
     def mlp(h_BTD):
@@ -107,6 +121,9 @@ class TransformerBlock(nnx.Module):
       return cache, x_BTD + attn(self.attn_norm(x_BTD)) + mlp(self.mlp_norm(x_BTD))
     x_BTD = x_BTD + attn(self.attn_norm(x_BTD))
     if self.cross_attn is not None:
-      h_BTD = self.cross_attn(self.cross_norm(x_BTD), kv_BSD=enc_BSD, mask=enc_mask, rngs=rngs)
+      c, h_BTD = self.cross_attn(self.cross_norm(x_BTD), kv_BSD=enc_BSD, mask=enc_mask,
+                                 cache=None if cache is None else cache["cross"], rngs=rngs)
+      if cache is not None:
+        cache["cross"] = c
       x_BTD = x_BTD + dropout(h_BTD, self.dropout_rate, rngs)
     return cache, x_BTD + mlp(self.mlp_norm(x_BTD))

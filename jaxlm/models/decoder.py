@@ -50,7 +50,7 @@ def decoder_mask(cfg: ModelConfig, T: int, attention_mask_BT=None,
 
 
 class Decoder(nnx.Module):
-  """Embeddings and the block stack; returns final hidden states [B, T, D]."""
+  """Embeddings and the block stack; returns (cache, final hidden states [B, T, D])."""
 
   def __init__(self, cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs):
     kw = dict(init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg, rt))
@@ -64,10 +64,19 @@ class Decoder(nnx.Module):
     self.norm = norm(cfg) if cfg.norm_position == "pre" else None
     self.rope = rope_spec(cfg)
 
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> list[dict]:
+    """Per-layer KV caches for `max_length` tokens (prompt and output); a sliding-window
+    model keeps `sliding_window` slots, however long the output grows."""
+    w = self.config.sliding_window
+    size = max_length if w is None else min(max_length, w)
+    return [layer.init_cache(batch_size, size, dtype) for layer in self.layers]
+
   def __call__(self, input_ids_BT, attention_mask=None, *, segment_ids=None, position_ids=None,
-               rngs: nnx.Rngs | None = None):
+               cache: list | None = None, rngs: nnx.Rngs | None = None):
     cfg = self.config
     B, T = input_ids_BT.shape
+    if position_ids is None and cache is not None:  # continue after the cached columns
+      position_ids = jnp.broadcast_to(cache[0]["self"].index + jnp.arange(T), (B, T))
     if position_ids is None:
       position_ids = (segment_positions(segment_ids) if segment_ids is not None
                       else jnp.broadcast_to(jnp.arange(T), (B, T)))
@@ -82,12 +91,18 @@ class Decoder(nnx.Module):
 
     # Position tables are computed once per forward and shared by every layer.
     rope = self.rope(position_ids) if self.rope is not None else None
+    # With a cache, attention computes ALiBi from the cached keys' positions.
     bias = (alibi_bias(position_ids, cfg.num_attention_heads)
-            if cfg.position_embedding_type == "alibi" else None)
-    for layer in self.layers:
-      _, x_BTD = run_block(self.runtime, layer, x_BTD, mask, rope=rope, bias=bias, rngs=rngs)
+            if cfg.position_embedding_type == "alibi" and cache is None else None)
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      kw = {} if cache is None else {"cache": cache[i], "positions": position_ids}
+      c, x_BTD = run_block(self.runtime, layer, x_BTD, mask, rope=rope, bias=bias, rngs=rngs,
+                           **kw)
+      new_cache.append(c)
       x_BTD = constrain(x_BTD, RESIDUAL_AXES)
-    return self.norm(x_BTD) if self.norm is not None else x_BTD
+    x_BTD = self.norm(x_BTD) if self.norm is not None else x_BTD
+    return (None if cache is None else new_cache), x_BTD
 
 
 class DecoderForCausalLM(PreTrainedModel):
@@ -100,8 +115,14 @@ class DecoderForCausalLM(PreTrainedModel):
         cfg.hidden_size, cfg.vocab_size, use_bias=False, init_std=cfg.initializer_range,
         rngs=rngs, **dtypes(cfg, runtime))
 
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> list[dict]:
+    """An empty KV cache for `batch_size` rows of up to `max_length` tokens (default dtype:
+    the compute dtype); pass it as `cache=` and take the updated one from the output."""
+    return self.model.init_cache(batch_size, max_length, dtype)
+
   def __call__(self, input_ids_BT, attention_mask=None, *, segment_ids=None, position_ids=None,
-               project_logits: bool = True, rngs: nnx.Rngs | None = None) -> ModelOutput:
+               cache: list | None = None, project_logits: bool = True,
+               rngs: nnx.Rngs | None = None) -> ModelOutput:
     """Next-token logits.
 
     Args:
@@ -109,7 +130,11 @@ class DecoderForCausalLM(PreTrainedModel):
       attention_mask: [B, T], 1 = real token, 0 = padding (keys only; default all real).
       segment_ids: int [B, T] for packed rows, 0 = padding: attention never crosses a
         segment boundary, and positions restart at each segment unless given.
-      position_ids: int [B, T]; default 0..T-1 (or per segment, see above).
+      position_ids: int [B, T]; default 0..T-1 (or per segment, see above; with a cache,
+        continuing after the cached columns).
+      cache: from `init_cache` or a previous call's output: decode incrementally (the new
+        tokens attend to the cached ones); `attention_mask` then marks padding among the
+        new tokens. The output's `cache` holds the updated one.
       project_logits: False returns the head's Projection in place of the logits
         (layers.vocab_loss: the fused cross-entropy of training).
       rngs: dropout randomness; None = deterministic.
@@ -117,15 +142,16 @@ class DecoderForCausalLM(PreTrainedModel):
     Returns:
       ModelOutput with logits [B, T, V] (float32) and last_hidden_state [B, T, D].
     """
-    h_BTD = self.model(input_ids_BT, attention_mask, segment_ids=segment_ids,
-                       position_ids=position_ids, rngs=rngs)
+    cache, h_BTD = self.model(input_ids_BT, attention_mask, segment_ids=segment_ids,
+                              position_ids=position_ids, cache=cache, rngs=rngs)
     proj = (self.model.embed.projection(h_BTD) if self.lm_head is None
             else Projection.of_dense(self.lm_head, h_BTD))
     if attention_mask is None and segment_ids is not None:
       attention_mask = segment_ids > 0  # packed rows: keep padding out of router statistics
     head = ({"logits": constrain(proj.logits(), ("batch", "length", "vocab"))}
             if project_logits else {"projection": proj})
-    return ModelOutput(last_hidden_state=h_BTD, **head, **router_outputs(self, attention_mask))
+    return ModelOutput(last_hidden_state=h_BTD, **head, cache=cache,
+                       **router_outputs(self, attention_mask))
 
 
 # Hugging Face class names; every family is the same composition with a different config.

@@ -65,16 +65,31 @@ class T5Stack(nnx.Module):
     self.norm = norm(cfg)
     self.dropout_rate = cfg.hidden_dropout_prob
 
-  def __call__(self, x_BTD, mask, *, enc_BSD=None, enc_mask=None, rngs=None):
-    T = x_BTD.shape[1]
-    positions_T = jnp.arange(T)
-    bias_1NTT = self.position(positions_T, positions_T)  # computed once, used by every layer
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> list[dict]:
+    return [layer.init_cache(batch_size, max_length, dtype) for layer in self.layers]
+
+  def __call__(self, x_BTD, mask, *, enc_BSD=None, enc_mask=None, cache=None, rngs=None):
+    """Returns (cache, hidden states); with a cache (the decoder, incrementally), the
+    relative-position bias is looked up per layer against the cached keys' positions."""
+    B, T, _ = x_BTD.shape
+    kw = {}
+    if cache is None:
+      positions_T = jnp.arange(T)
+      bias = self.position(positions_T, positions_T)  # computed once, used by every layer
+    else:
+      positions = jnp.broadcast_to(cache[0]["self"].index + jnp.arange(T), (B, T))
+      bias = self.position  # (q positions [B, T], k positions [B, S]) -> [B, N, T, S]
     x_BTD = dropout(x_BTD, self.dropout_rate, rngs)
-    for layer in self.layers:
-      _, x_BTD = run_block(self.runtime, layer, x_BTD, mask, bias=bias_1NTT, enc_BSD=enc_BSD,
-                           enc_mask=enc_mask, rngs=rngs)
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      if cache is not None:
+        kw = {"cache": cache[i], "positions": positions}
+      c, x_BTD = run_block(self.runtime, layer, x_BTD, mask, bias=bias, enc_BSD=enc_BSD,
+                           enc_mask=enc_mask, rngs=rngs, **kw)
+      new_cache.append(c)
       x_BTD = constrain(x_BTD, RESIDUAL_AXES)
-    return dropout(self.norm(x_BTD), self.dropout_rate, rngs)
+    return (None if cache is None else new_cache), dropout(self.norm(x_BTD), self.dropout_rate,
+                                                           rngs)
 
 
 class T5ForConditionalGeneration(PreTrainedModel):
@@ -95,29 +110,38 @@ class T5ForConditionalGeneration(PreTrainedModel):
   def encode(self, input_ids_BS, attention_mask=None, *, rngs: nnx.Rngs | None = None):
     """Encoder hidden states [B, S, D] (float32). attention_mask [B, S]: 1 = real token."""
     mask = MaskSpec.build(input_ids_BS.shape[1], attention_mask=attention_mask)
-    return self.encoder(self.shared(input_ids_BS), mask, rngs=rngs)
+    return self.encoder(self.shared(input_ids_BS), mask, rngs=rngs)[1]
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> list[dict]:
+    """The decoder's KV caches for up to `max_length` decoder tokens; the first `decode`
+    with it also caches every layer's cross-attention keys and values of the encoder
+    states, so later steps pass encoder_hidden_BSD=None."""
+    return self.decoder.init_cache(batch_size, max_length, dtype)
 
   def decode(self, decoder_input_ids_BT, encoder_hidden_BSD, attention_mask=None,
-             decoder_attention_mask=None, *, project_logits: bool = True,
-             rngs: nnx.Rngs | None = None) -> ModelOutput:
+             decoder_attention_mask=None, *, cache: list | None = None,
+             project_logits: bool = True, rngs: nnx.Rngs | None = None) -> ModelOutput:
     """Next-token logits [B, T, V] (float32) and the decoder's final hidden states
     (their Projection in place of logits when `project_logits` is False).
 
     attention_mask [B, S] marks the real encoder tokens (cross-attention keys);
     decoder_attention_mask [B, T] the real decoder tokens (on top of the causal mask).
+    With a cache (`init_cache`), the new decoder tokens continue the cached ones, and the
+    output carries the updated cache.
     """
     T = decoder_input_ids_BT.shape[1]
     mask = MaskSpec.build(T, causal=True, attention_mask=decoder_attention_mask)
     enc_mask = MaskSpec.build(T, kv_mask=attention_mask)
-    h_BTD = self.decoder(self.shared(decoder_input_ids_BT), mask, enc_BSD=encoder_hidden_BSD,
-                         enc_mask=enc_mask, rngs=rngs)
+    cache, h_BTD = self.decoder(self.shared(decoder_input_ids_BT), mask,
+                                enc_BSD=encoder_hidden_BSD, enc_mask=enc_mask, cache=cache,
+                                rngs=rngs)
     if self.lm_head is None:
       # Tied: T5 rescales the decoder output so the embedding can serve as the head.
       proj = self.shared.projection(h_BTD * self.config.hidden_size ** -0.5)
     else:
       proj = Projection.of_dense(self.lm_head, h_BTD)
     head = {"logits": proj.logits()} if project_logits else {"projection": proj}
-    return ModelOutput(last_hidden_state=h_BTD, **head)
+    return ModelOutput(last_hidden_state=h_BTD, cache=cache, **head)
 
   def __call__(self, input_ids_BS, attention_mask=None, *, decoder_input_ids,
                decoder_attention_mask=None, project_logits: bool = True,

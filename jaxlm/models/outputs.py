@@ -12,6 +12,7 @@ class ModelOutput:
   last_hidden_state: Any = None  # [B, T, D]
   pooler_output: Any = None  # [B, D]
   encoder_last_hidden_state: Any = None  # [B, S, D] encoder-decoder models
+  cache: Any = None  # the updated KV cache, when called with one (incremental decoding)
   # With project_logits=False: the LM head's inputs (layers.vocab_loss.Projection) in
   # place of logits, for the fused cross-entropy.
   projection: Any = None

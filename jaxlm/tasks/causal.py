@@ -7,13 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxlm.data import pipeline
 from jaxlm.errors import ConfigError
+from jaxlm.generate.decode import generate
 from jaxlm.models import decoder
 from jaxlm.tasks.base import (Task, accuracy, example_weights, fmt, mean_loss, register,
                               router_stats, token_metrics, token_stats)
@@ -100,31 +98,6 @@ class CausalLM(TokenPrediction):
 
 
 # ---- greedy continuations for the report -----------------------------------------------
-def greedy_continue(model, prompt_BP: np.ndarray, new_tokens: int) -> np.ndarray:
-  """Greedy decoding by full forward passes (no KV cache): [B, P] -> [B, new_tokens].
-
-  One fixed-shape buffer of P + new_tokens tokens; causal attention means the unfilled
-  tail never affects the position being predicted, so every step reuses one program.
-  """
-  B, P = prompt_BP.shape
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, ids_BT):
-    m = nnx.merge(graphdef, state)
-
-    def step(t, ids_BT):
-      logits_BTV = m(ids_BT).logits
-      next_B = jnp.argmax(jax.lax.dynamic_index_in_dim(logits_BTV, t - 1, 1, False), -1)
-      return ids_BT.at[:, t].set(next_B.astype(ids_BT.dtype))
-
-    return jax.lax.fori_loop(P, P + new_tokens, step, ids_BT)
-
-  ids_BT = np.zeros((B, P + new_tokens), np.int32)
-  ids_BT[:, :P] = prompt_BP
-  return np.asarray(run(state, jnp.asarray(ids_BT)))[:, P:]
-
-
 def continuation_samples(model, corpus, n: int, *, eod: int, prompt_tokens: int,
                          new_tokens: int) -> list[dict[str, Any]]:
   """Greedy continuations of the openings (`prompt_tokens` tokens) of the first `n`
@@ -141,7 +114,8 @@ def continuation_samples(model, corpus, n: int, *, eod: int, prompt_tokens: int,
   if not prompts or new_tokens < 1:
     return []
   out = []
-  for prompt, cont in zip(prompts, greedy_continue(model, np.stack(prompts), new_tokens)):
+  conts = generate(model, np.stack(prompts), max_new_tokens=new_tokens, eos_token_id=eod)
+  for prompt, cont in zip(prompts, conts[:, prompt_tokens:]):
     cont = cont.tolist()
     cont = cont[:cont.index(eod)] if eod in cont else cont
     out.append({"prompt": tok.decode(prompt.tolist()), "continuation": tok.decode(cont)})

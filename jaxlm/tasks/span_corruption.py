@@ -7,14 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
 from jaxlm.data import pipeline
 from jaxlm.data.objectives import span_counts
 from jaxlm.errors import ConfigError
+from jaxlm.generate.decode import generate
 from jaxlm.tasks.base import register
 from jaxlm.tasks.causal import TokenPrediction
 
@@ -53,30 +49,6 @@ class SpanCorruption(TokenPrediction):
 
 
 # ---- span reconstructions for the report ------------------------------------------------
-def greedy_seq2seq(model, batch, new_tokens: int, start_id: int) -> np.ndarray:
-  """Greedy decoding of an encoder-decoder by full forward passes: -> [B, new_tokens].
-  One fixed-shape decoder buffer serves every step."""
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, ids_BS, mask_BS, dec_BT):
-    m = nnx.merge(graphdef, state)
-
-    def step(t, dec_BT):
-      logits_BTV = m(ids_BS, mask_BS, decoder_input_ids=dec_BT).logits
-      next_B = jnp.argmax(jax.lax.dynamic_index_in_dim(logits_BTV, t, 1, False), -1)
-      return dec_BT.at[:, t + 1].set(next_B.astype(dec_BT.dtype))
-
-    return jax.lax.fori_loop(0, new_tokens, step, dec_BT)
-
-  B = batch["input_ids"].shape[0]
-  dec_BT = np.zeros((B, new_tokens + 1), np.int32)
-  dec_BT[:, 0] = start_id
-  out = run(state, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
-            jnp.asarray(dec_BT))
-  return np.asarray(out)[:, 1:]
-
-
 def _span_text(ids, tok, sentinels, eos: int | None = None) -> str:
   """Text with sentinel ids spelled <extra_id_i> (they may lie past the tokenizer's
   vocabulary), cut at the first `eos` if given."""
@@ -102,7 +74,8 @@ def span_samples(model, corpus, batch, n: int, sentinels) -> list[dict[str, Any]
     return []
   batch = {k: v[:n] for k, v in batch.items()}
   cfg, tok = model.config, corpus.tokenizer
-  pred = greedy_seq2seq(model, batch, batch["targets"].shape[1], cfg.decoder_start_token_id)
+  pred = generate(model, batch["input_ids"], attention_mask=batch["attention_mask"],
+                  max_new_tokens=batch["targets"].shape[1], eos_token_id=cfg.eos_token_id)[:, 1:]
   # Packed rows keep their end-of-document tokens (the same id as the final eos), so the
   # inputs and targets are cut by their masks; the model's guess at its first eos.
   n_in, n_out = batch["attention_mask"].sum(1) - 1, batch["loss_weights"].sum(1).astype(int) - 1

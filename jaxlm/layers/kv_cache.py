@@ -1,0 +1,69 @@
+"""The KV cache of incremental decoding: one `KVCache` per attention layer.
+
+Keys are stored already rotated (RoPE) and are never repeated across query heads (GQA/MQA:
+K heads). Every slot remembers the position of the token it holds (-1: empty, or
+padding), so masks and position biases (ALiBi, T5 buckets) are computed from the cached
+positions and each row of a left-padded batch keeps its own length.
+
+Columns are written in order and shared by the rows of a batch (`index` columns so far);
+column t lands in slot t % S. With S = the whole sequence nothing is overwritten; a
+sliding-window model (Mistral) sizes S to its window, and a new column replaces one that
+no later query can see (positions W apart), so memory stays at `window` slots however
+long the output grows.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class KVCache:
+  k: jax.Array  # [B, S, K, H]
+  v: jax.Array  # [B, S, K, H]
+  pos: jax.Array  # [B, S] int32: position of each slot's token; -1 = empty or padding
+  index: jax.Array  # [] int32: columns written so far
+
+  @classmethod
+  def init(cls, batch_size: int, size: int, num_kv_heads: int, head_dim: int,
+           dtype=jnp.float32) -> KVCache:
+    kv = jnp.zeros((batch_size, size, num_kv_heads, head_dim), dtype)
+    return cls(kv, kv, jnp.full((batch_size, size), -1, jnp.int32), jnp.zeros((), jnp.int32))
+
+  @property
+  def size(self) -> int:
+    return self.k.shape[1]
+
+  @property
+  def lengths(self) -> jax.Array:
+    """Tokens cached per row, [B] (at most `size`)."""
+    return (self.pos >= 0).sum(1)
+
+  def write(self, k_BTKH, v_BTKH, pos_BT) -> KVCache:
+    """Appends T columns (positions pos_BT, -1 for padding); returns the new cache."""
+    T, S = k_BTKH.shape[1], self.size
+    if T == 1:  # decoding: one in-place slice update
+      slot = self.index % S
+      upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
+                                                                  slot, axis=1)
+      return KVCache(upd(self.k, k_BTKH), upd(self.v, v_BTKH), upd(self.pos, pos_BT),
+                     self.index + 1)
+    keep = min(T, S)  # of a prompt longer than the cache, only its last S columns stay
+    slots = (self.index + T - keep + jnp.arange(keep)) % S
+    return KVCache(self.k.at[:, slots].set(k_BTKH[:, T - keep:].astype(self.k.dtype)),
+                   self.v.at[:, slots].set(v_BTKH[:, T - keep:].astype(self.v.dtype)),
+                   self.pos.at[:, slots].set(pos_BT[:, T - keep:]), self.index + T)
+
+
+def cached_mask(q_pos_BT, k_pos_BS, *, causal: bool, window: int | None):
+  """Boolean [B, 1, T, S]: real keys (position >= 0), at or before the query when causal,
+  fewer than `window` positions back."""
+  q, k = q_pos_BT[:, :, None], k_pos_BS[:, None, :]
+  ok = k >= 0
+  if causal:
+    ok &= k <= q
+  if window is not None:
+    ok &= q - k < window
+  return ok[:, None]
