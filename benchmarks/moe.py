@@ -145,6 +145,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--save", action="store_true", help="write benchmarks/results/moe_cpu.json")
   args = ap.parse_args(argv)
 
+  from behaviour import _cpu  # noqa: PLC0415 (benchmarks/behaviour.py: the CPU's name)
   t0 = time.perf_counter()
   report = {
       "benchmark": "MoE layer vs dense SwiGLU MLP with the same active parameters, fwd+bwd",
@@ -160,7 +161,7 @@ def main(argv=None) -> dict:
       "goal": "moe <= 1.5 x dense",
       "reps": args.reps,
       "jax": jax.__version__, "backend": jax.default_backend(),
-      "cpu_count": os.cpu_count(), "machine": platform.machine(),
+      "cpu_count": os.cpu_count(), "machine": platform.machine(), "cpu": _cpu(),
       "results": {},
   }
   for name in args.dtypes.split(","):

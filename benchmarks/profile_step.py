@@ -82,7 +82,8 @@ def main() -> None:
   peak = analysis.measure_cpu()["peak_flops" if a.precision == "bf16" else "peak_flops_f32"]
   rows = [{"op": k, "s_per_step": v, "share_of_step": v / step_s,
            "count_per_step": count[k] // a.steps} for k, v in total.most_common(a.top)]
-  doc = {"benchmark": "profile_step", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+  from behaviour import _cpu  # noqa: PLC0415 (benchmarks/behaviour.py)
+  doc = {"benchmark": "profile_step", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": _cpu(),
          "model": a.model, "precision": a.precision, "batch": B, "seq_len": T,
          "step_s": step_s, "tokens_per_s": B * T / step_s,
          "op_seconds_per_step": sum(total.values()),

@@ -314,15 +314,21 @@ def inference_memory(mc: ModelConfig, total_params: int, kv_dtype: str = "float3
 
 
 # ---- devices and roofline --------------------------------------------------------------
-def measure_cpu(n: int = 2048, runs: int = 5) -> dict:
+def measure_cpu(n: int = 2048, runs: int = 10, warm_s: float = 0.5) -> dict:
   """Peak matmul FLOP/s of this host (bf16 in, f32 accumulation; and f32) and the
-  bandwidth of an elementwise pass, measured on the spot: the best of `runs` (a peak is
-  what the machine can do; slower runs only show other load on a shared host)."""
+  bandwidth of an elementwise pass, measured on the spot: the best of `runs` after
+  `warm_s` seconds of the same work (a peak is what the machine can do; slower runs only
+  show other load on a shared host). Without the timed warm-up, the first matmuls of a
+  process ran up to 40% slow here (816 vs 1,376 GFLOP/s bf16 on an Intel Xeon with AMX),
+  so a peak measured at start-up could read low and put the loop's MFU above 1."""
   import jax
   import jax.numpy as jnp
 
   def best_time(fn, *args):
-    jax.block_until_ready(fn(*args))  # compile and warm up
+    jax.block_until_ready(fn(*args))  # compile
+    t_end = time.perf_counter() + warm_s
+    while time.perf_counter() < t_end:
+      jax.block_until_ready(fn(*args))
     times = []
     for _ in range(runs):
       t0 = time.perf_counter()
@@ -408,7 +414,7 @@ _DEVICE_KINDS = {"H100": "h100", "H200": "h200", "TPU v5 lite": "tpu-v5e", "TPU 
 def job_peak_flops(compute_dtype: str) -> tuple[float, str] | None:
   """(peak FLOP/s of all devices of this job, where it comes from), or None for an
   unknown accelerator. CPU devices share the host's cores, so a CPU job's peak is the
-  host's measured matmul peak (the best of five 2048^3 matmuls) times the number of hosts."""
+  host's measured matmul peak (`measure_cpu`) times the number of hosts."""
   import jax
   kind = jax.devices()[0].device_kind
   if jax.default_backend() == "cpu":

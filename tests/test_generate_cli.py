@@ -118,3 +118,17 @@ def test_bad_requests_exit_2_with_one_line(hf_dir, tmp_path):
     assert r.returncode == 2, (args, r.stderr[-1500:])
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, (args, lines)
+
+
+def test_one_prompt_on_a_terminal_streams_the_same_completion(hf_dir, capsys):
+  from jaxlm.generate import cli
+  model = jaxlm.from_pretrained(str(hf_dir))
+  tok = jaxlm.load_tokenizer(str(hf_dir))
+  ids = tok.encode("the king said to w5")
+  kw = dict(max_new_tokens=7, temperature=0.0, seed=0)
+  cli._stream_one(model, tok, ids, 0, kw)
+  printed = capsys.readouterr().out
+  want = jaxlm.generate(model, np.asarray([ids]), max_new_tokens=7)[0, len(ids):].tolist()
+  eos = model.config.eos_token_id
+  want = want[:want.index(eos)] if eos in want else want
+  assert printed == tok.decode(want) + "\n"

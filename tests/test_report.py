@@ -150,3 +150,33 @@ def test_cli_bad_input(args):
   assert p.stdout == ""
   assert p.stderr.strip().startswith("error:")
   assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_mfu_stays_at_most_1_on_a_matmul_bound_step(tmp_path, tiny_corpus, monkeypatch):
+  """A step of big matmuls (so MFU is high) with a start-up peak that read low: the loop
+  measures the peak again, and no logged MFU exceeds 1 (it did, at 1.13, when a peak
+  measured in a cold process read low)."""
+  import json as json_
+
+  from configs import bert_tiny
+  from conftest import fresh_workdir
+  from jaxlm.train import loop
+  cfg = bert_tiny.get_config("tiny")
+  cfg.model.update(hidden_size=512, intermediate_size=2048, num_attention_heads=8,
+                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  cfg.train.update(steps=8, batch_size=32, log_every=2, eval_every=8)
+  cfg.eval.update(max_batches=1, fill_mask_examples=0)
+  cfg.checkpoint.every = 8
+  calls = []
+
+  def low_peak(dtype):
+    calls.append(dtype)
+    return (1e9, "measured")  # 1 GFLOP/s: far below any real CPU
+
+  monkeypatch.setattr(analysis, "job_peak_flops", low_peak)
+  wd = fresh_workdir(tmp_path, tiny_corpus)
+  loop.train(cfg, str(wd))
+  mfus = [r["mfu"] for r in map(json_.loads, (wd / "metrics.jsonl").read_text().splitlines())
+          if "mfu" in r]
+  assert calls and len(mfus) == 4
+  assert all(0.05 < m <= 1.0 for m in mfus), mfus
