@@ -83,9 +83,11 @@ def main(argv=None) -> dict:
       jax.block_until_ready(nnx.state(model))  # transfers are async
       runs.append(round(time.perf_counter() - start, 3))
       del model
+  from behaviour import _cpu  # noqa: PLC0415 (benchmarks/behaviour.py: the CPU's name)
   result = {"params": params, "seconds_median": statistics.median(runs), "runs": runs,
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, jax {jax.__version__} "
-                       f"({jax.default_backend()})"}
+                       f"({jax.default_backend()})", "cpu": _cpu(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
   print(json.dumps(result))
   return result
 
