@@ -180,3 +180,24 @@ def test_mfu_stays_at_most_1_on_a_matmul_bound_step(tmp_path, tiny_corpus, monke
           if "mfu" in r]
   assert calls and len(mfus) == 4
   assert all(0.05 < m <= 1.0 for m in mfus), mfus
+
+
+def test_no_committed_result_has_an_mfu_above_1():
+  """MFU cannot exceed 1: a result that says so has a wrong peak or FLOPs count."""
+  import glob
+
+  def walk(x, path):
+    if isinstance(x, dict):
+      for k, v in x.items():
+        if k == "mfu" and isinstance(v, (int, float)):
+          assert v <= 1.0, (path, v)
+        walk(v, f"{path}/{k}")
+    elif isinstance(x, list):
+      for i, v in enumerate(x):
+        walk(v, f"{path}[{i}]")
+
+  files = glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))
+  assert len(files) > 10
+  for f in files:
+    with open(f, encoding="utf-8") as fh:
+      walk(json.load(fh), os.path.basename(f))
