@@ -87,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
   # accumulation, softmax and loss in f32. "" leaves model.dtype as the config sets it.
   c.train.precision = ""
   c.train.grad_accum_steps = 1  # microbatches per step (train.batch_size is the total)
+  # A step whose loss or gradient norm is not finite is never applied (train/optim.py).
+  # "stop": end the run there; "skip": go on, and stop after max_skipped_steps in a row.
+  c.train.nan_policy = "stop"
+  c.train.max_skipped_steps = 10
 
   # The device mesh: sizes of the data, fsdp, tensor and expert axes (product = device
   # count; one may be -1, "the rest"), and the logical-axis -> mesh-axis rules.
@@ -120,6 +124,86 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 200
   c.checkpoint.max_to_keep = 2
   return c
+
+
+# Bounds of numeric keys not checked elsewhere: key -> (low, high, low_open, high_open);
+# None = unbounded on that side.
+_BOUNDS = {
+    "seed": (0, None, False, False),
+    "train.learning_rate": (0, None, True, False),
+    "train.end_learning_rate_factor": (0, 1, False, False),
+    "train.weight_decay": (0, None, False, False),
+    "train.b1": (0, 1, False, True), "train.b2": (0, 1, False, True),
+    "train.eps": (0, None, True, False), "train.momentum": (0, 1, False, True),
+    "train.grad_clip_norm": (0, None, False, False),
+    "train.early_stopping_patience": (0, None, False, False),
+    "train.max_skipped_steps": (1, None, False, False),
+    "eval.batch_size": (1, None, False, False), "eval.max_batches": (0, None, False, False),
+    "eval.fill_mask_examples": (0, None, False, False),
+    "data.num_threads": (1, None, False, False), "data.prefetch": (0, None, False, False),
+    "data.num_sentinels": (0, None, False, False),
+    "data.clean.min_chars": (0, None, False, False),
+    "tokenizer.vocab_size": (len(("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")) + 1, None,
+                             False, False),
+    "generate.max_new_tokens": (1, None, False, False),
+    "generate.temperature": (0, None, False, False), "generate.top_k": (0, None, False, False),
+    "generate.top_p": (0, 1, True, False), "generate.min_p": (0, 1, False, False),
+    "generate.repetition_penalty": (0, None, True, False),
+    "generate.batch_size": (1, None, False, False),
+    "model.initializer_range": (0, None, True, False),
+    "model.layer_norm_eps": (0, None, True, False), "model.rope_theta": (0, None, True, False),
+}
+_CHOICES = {"train.nan_policy": ("stop", "skip"), "tokenizer.model_type": ("unigram", "bpe"),
+            "data.clean.normalization": ("NFC", "NFKC", "NFD", "NFKD", "none")}
+
+
+def _flat(cfg, prefix: str = "") -> dict:
+  out = {}
+  for key in cfg.keys():
+    value = cfg[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _type_ok(value, default) -> bool:
+  if default is None:
+    return True
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default))
+
+
+def _check_values(cfg) -> None:
+  """Every key has its default's type, numbers sit in their bounds, choices are known."""
+  defaults = _flat(base_config())
+  for key, value in _flat(cfg).items():
+    default = defaults.get(key)
+    if not _type_ok(value, default):
+      raise ConfigError(f"{key} must be {type(default).__name__}, got {value!r}")
+    if key in _BOUNDS:
+      lo, hi, lo_open, hi_open = _BOUNDS[key]
+      bad = ((lo is not None and (value <= lo if lo_open else value < lo))
+             or (hi is not None and (value >= hi if hi_open else value > hi)))
+      if bad:
+        lo_s = "" if lo is None else ("(" if lo_open else "[") + str(lo)
+        hi_s = "inf)" if hi is None else str(hi) + (")" if hi_open else "]")
+        raise ConfigError(f"{key} must be in {lo_s or '(-inf'}, {hi_s}, got {value!r}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+      raise ConfigError(f"{key} must be one of {_CHOICES[key]}, got {value!r}")
+  split = tuple(cfg.data.split)
+  if len(split) != 3 or not all(_type_ok(x, 0.0) and x > 0 for x in split) or abs(
+      sum(split) - 1.0) > 1e-6:
+    raise ConfigError(f"data.split must be three positive fractions (train, validation, "
+                      f"test) that sum to 1, got {split!r}")
 
 
 def _check_keys(cfg, schema, prefix: str = "") -> None:
@@ -219,6 +303,7 @@ def validate(cfg) -> ModelConfig:
   """Checks the whole experiment config; returns its ModelConfig (under model.init_from,
   the config file's; `pretrained_model_config` then checks it against the checkpoint)."""
   _check_keys(cfg, base_config())
+  _check_values(cfg)
   task = task_of(cfg)
   model = model_config(cfg)
   runtime(cfg)  # its choices are checked on construction
@@ -263,8 +348,6 @@ def validate(cfg) -> ModelConfig:
   if cfg.tokenizer.kind not in ("wordpiece", "sentencepiece"):
     raise ConfigError(f"tokenizer.kind must be wordpiece or sentencepiece, "
                       f"got {cfg.tokenizer.kind!r}")
-  if len(tuple(d.split)) != 3:
-    raise ConfigError("data.split must be three fractions (train, validation, test)")
   check_mesh(cfg)
   e = cfg.eval
   if e.samples < 0 or e.sample_prompt_tokens < 1 or e.sample_new_tokens < 1:

@@ -10,6 +10,7 @@ MPI, JAX finds the other processes itself; elsewhere give --coordinator_address,
 
 import ctypes
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,6 +27,7 @@ _PROMPT = flags.DEFINE_string("prompt", None, "--mode=generate: one prompt.")
 _PROMPTS = flags.DEFINE_string("prompts_file", None, "--mode=generate: prompts, one a line "
                                "or JSONL with a \"prompt\" field.")
 _OUTPUT = flags.DEFINE_string("output", None, "--mode=generate: JSONL results (default stdout).")
+_FRESH = flags.DEFINE_bool("fresh", False, "Start over: move the workdir's checkpoints aside.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-host: HOST:PORT of process 0, the same on every "
     "process (default: what JAX detects on a TPU pod, Slurm or Open MPI).")
@@ -81,7 +83,13 @@ def main(argv):
     elif _MODE.value == "eval":
       loop.evaluate(cfg, _WORKDIR.value)
     else:
-      loop.train(cfg, _WORKDIR.value)
+      loop.train(cfg, _WORKDIR.value, fresh=_FRESH.value)
+  except loop.Preempted as e:  # 128 + signal: the job did not finish; a requeue resumes it
+    print(_one_line(e), file=sys.stderr)
+    sys.exit(128 + int(e.signum))
+  except loop.NonFinite as e:  # 3: training diverged (not a bad input)
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(3)
   except JaxlmError as e:
     _fail(_one_line(e))
 

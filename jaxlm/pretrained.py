@@ -20,12 +20,12 @@ import json
 import os
 
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from jaxlm import hf
 from jaxlm.config import EXPORT_MARKER, ModelConfig, Runtime
 from jaxlm.errors import ConfigError, DataError
-from jaxlm.hf.io import check_weights, read_tensors, write_tensors
+from jaxlm.hf.io import check_weights, load_safetensors, read_tensors, write_tensors
 from jaxlm.models import auto, base
 from jaxlm.params import flat_params, load_params, param_shapes
 
@@ -81,13 +81,21 @@ def load_config(directory: str) -> tuple[ModelConfig, hf.Family | None]:
     if arch is None:
       raise DataError(f"{directory}/config.json: no 'architectures' entry to pick a model class")
     fam = hf.family_of(arch, f"{directory}/config.json")
-    return fam.config_from_hf(raw).replace(architectures=[arch]), fam
+    try:
+      return fam.config_from_hf(raw).replace(architectures=[arch]), fam
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
+      raise ConfigError(f"{directory}/config.json: a field has the wrong type or value "
+                        f"({type(e).__name__}: {e})") from None
   if arch is not None and arch not in auto.ARCHITECTURES:
     raise DataError(f"{directory}/config.json: unknown architecture {arch!r}; supported: "
                     f"{sorted(auto.ARCHITECTURES)}")
   # Old exports also carry how they ran (LEGACY_RUNTIME_KEYS): from_dict drops it, and
   # the caller's Runtime decides.
-  return ModelConfig.from_dict(raw, hf=True), None
+  try:
+    return ModelConfig.from_dict(raw, hf=True), None
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{directory}/config.json: a field has the wrong type or value "
+                      f"({type(e).__name__}: {e})") from None
 
 
 def from_pretrained(directory: str, *, dtype: str | None = None,
@@ -107,7 +115,7 @@ def from_pretrained(directory: str, *, dtype: str | None = None,
   model = auto.build_abstract_model(cfg, runtime=runtime)
   if fam is None:
     path = os.path.join(directory, WEIGHTS_NAME)
-    return load_params(model, load_file(path), path)
+    return load_params(model, load_safetensors(path), path)
   arch = cfg.architectures[0]
   tensors = fam.params_from_hf(read_tensors(directory), cfg, arch, param_shapes(model))
   return load_params(model, tensors, directory)

@@ -67,11 +67,11 @@ def load(cfg, workdir: str):
                       "first, or set --config.model.init_from=DIR")
   model = from_pretrained(directory, runtime=experiment.runtime(cfg))
   check_model(model)
-  try:
-    tok = Tokenizer.load(directory)
-  except DataError:
+  names = os.listdir(directory)
+  if not any(n in ("tokenizer.json", "vocab.txt") or n.endswith(".model") for n in names):
     raise DataError(f"--mode=generate: no tokenizer in {directory} (tokenizer.json, "
-                    "*.model or vocab.txt)") from None
+                    "*.model or vocab.txt)")
+  tok = Tokenizer.load(directory)  # a broken one is its own one-line error
   return model, tok, directory
 
 

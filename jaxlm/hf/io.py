@@ -30,20 +30,37 @@ def check_weights(directory: str) -> None:
   raise DataError(f"{directory}: no {SINGLE} or {INDEX}")
 
 
+def load_safetensors(path: str) -> dict:
+  """One safetensors file; a truncated or garbled file, or a dtype NumPy cannot hold, is
+  a one-line DataError naming it."""
+  try:
+    return load_file(path)
+  except FileNotFoundError:
+    raise DataError(f"{path}: no such file") from None
+  except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
+    msg = " ".join(str(e).split())
+    raise DataError(f"{path}: not a readable safetensors file ({msg[:200]})") from None
+
+
 def read_tensors(directory: str) -> dict:
   """All tensors of a checkpoint directory as NumPy arrays (memory-mapped reads)."""
   check_weights(directory)
   single, index = os.path.join(directory, SINGLE), os.path.join(directory, INDEX)
   if os.path.exists(single):
-    return load_file(single)
-  with open(index, encoding="utf-8") as f:
-    weight_map = json.load(f)["weight_map"]
+    return load_safetensors(single)
+  try:
+    with open(index, encoding="utf-8") as f:
+      weight_map = json.load(f)["weight_map"]
+    if not isinstance(weight_map, dict):
+      raise TypeError("weight_map is not an object")
+  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    raise DataError(f"{index}: not a safetensors index ({e})") from None
   out = {}
   for shard in sorted(set(weight_map.values())):
     path = os.path.join(directory, shard)
     if not os.path.exists(path):
       raise DataError(f"{index}: shard {shard!r} is missing")
-    out.update(load_file(path))
+    out.update(load_safetensors(path))
   missing = sorted(set(weight_map) - set(out))
   if missing:
     raise DataError(f"{index}: tensor {missing[0]!r} is listed but not in any shard")

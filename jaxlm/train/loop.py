@@ -29,7 +29,8 @@ from jaxlm.parallel.rules import (activation_sharding, create_sharded, like_para
                                   logical_to_spec, shard_module, state_shardings)
 from jaxlm.pretrained import from_pretrained, save_pretrained
 from jaxlm.train import report as report_lib
-from jaxlm.train.checkpoint import Checkpointer
+from jaxlm.train.checkpoint import Checkpointer, move_aside
+from jaxlm.train.lock import LOCK_NAME, WorkdirLock
 from jaxlm.train.evaluator import Evaluator
 from jaxlm.train.metrics import MetricsWriter
 from jaxlm.train.optim import make_optimizer
@@ -128,12 +129,53 @@ def setup(cfg, workdir: str, mesh=None):
   return corpus, model, task
 
 
-def train(cfg, workdir: str) -> dict[str, Any]:
+class Preempted(JaxlmError):
+  """SIGTERM/SIGINT: the run saved a checkpoint at the current step and stopped."""
+
+  def __init__(self, msg: str, signum: int):
+    super().__init__(msg)
+    self.signum = signum
+
+
+class NonFinite(JaxlmError):
+  """The loss or gradient norm stopped being finite (train.nan_policy)."""
+
+
+def train(cfg, workdir: str, *, fresh: bool = False) -> dict[str, Any]:
   """Trains on the mesh the config describes (all devices by default), resuming from the
-  latest checkpoint in `workdir`; returns the report."""
-  mesh = make_mesh(cfg.mesh)
-  with jax.set_mesh(mesh), activation_sharding(mesh, cfg.mesh.rules):
-    return _Trainer(cfg, workdir, mesh).run()
+  latest checkpoint in `workdir`; returns the report. The run holds the workdir's lock
+  (train/lock.py) throughout; `fresh` moves existing checkpoints aside first."""
+  experiment.validate(cfg)  # bad input fails before the workdir is touched
+  created = not os.path.exists(workdir)
+  lock, failed = None, None
+  if distributed.is_primary():
+    try:
+      lock = WorkdirLock(workdir).acquire()
+    except JaxlmError as e:
+      failed = e
+  if distributed.any_process(failed is not None):  # the others wait for the primary's lock
+    raise failed or ConfigError(f"--workdir {workdir}: the primary process could not lock it")
+  try:
+    if fresh and distributed.is_primary():
+      moved = move_aside(os.path.join(workdir, "checkpoints"))
+      if moved:
+        log(f"--fresh: moved the old checkpoints to {moved}")
+    distributed.sync("workdir ready")
+    mesh = make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh), activation_sharding(mesh, cfg.mesh.rules):
+      return _Trainer(cfg, workdir, mesh).run()
+  except JaxlmError:
+    # A workdir this run created and then failed in before writing anything (bad data):
+    # leave no trace of it.
+    if lock is not None and created and os.listdir(workdir) == [LOCK_NAME]:
+      lock.release()
+      lock = None
+      os.remove(os.path.join(workdir, LOCK_NAME))
+      os.rmdir(workdir)
+    raise
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 def sharded_train_state(model, cfg, mesh):
@@ -190,10 +232,9 @@ class _Trainer:
     self.local_tokens = 0  # tokens of this process's rows, not yet in tokens_seen
 
   def _restore(self) -> None:
-    latest = self.ckpt.latest_step()
-    if latest is not None:
-      (self.params, self.opt_state), self.run_state = self.ckpt.restore(
-          latest, (self.params, self.opt_state))
+    found = self.ckpt.restore_latest((self.params, self.opt_state), log)
+    if found is not None:
+      (self.params, self.opt_state), self.run_state, _ = found
       self.data_iter.set_state(self.run_state.pop("data_iter"))
       log(f"resuming from checkpoint at step {self.run_state['step']} in {self.workdir}")
 
@@ -202,6 +243,23 @@ class _Trainer:
     and checkpoint steps (the same on every process), never every step."""
     self.run_state["tokens_seen"] += distributed.process_sum(self.local_tokens)
     self.local_tokens = 0
+
+  def _check_finite(self, step: int, m) -> None:
+    """train.nan_policy on the guard's counters (optim.SkipNonFinite): `stop` at the
+    first non-finite step, `skip` after train.max_skipped_steps of them in a row. The
+    guard never applied them, so every checkpoint holds a finite state."""
+    if "skipped_steps" not in m:
+      return
+    total, in_a_row, first = (int(x) for x in jax.device_get(
+        (m["skipped_steps"], m["skipped_in_a_row"], m["first_skipped_step"])))
+    t = self.t
+    if t.nan_policy == "stop" and total:
+      raise NonFinite(f"step {first + 1}: the loss or gradient norm is not finite; stopped "
+                      f"(train.nan_policy=stop). The last checkpoint, step "
+                      f"{self.ckpt.latest_step()}, holds the last good state")
+    if t.nan_policy == "skip" and in_a_row >= t.max_skipped_steps:
+      raise NonFinite(f"step {step}: {in_a_row} non-finite steps in a row (skipped; "
+                      f"train.max_skipped_steps={t.max_skipped_steps}); stopped")
 
   def _save(self, step: int) -> None:
     self._count_tokens()
@@ -269,7 +327,24 @@ class _Trainer:
     # Evaluation is not training: its time leaves the interval (its tokens stay).
     self.interval = (time.time(), self.interval[1], step)
 
+  def _on_signal(self, signum, _frame) -> None:
+    self.stop_signal = signum  # acted on at the end of the current step
+
+  def _preempted(self) -> bool:
+    """Whether a SIGTERM/SIGINT arrived (on any process: they stop at the same step)."""
+    got = self.stop_signal is not None
+    return distributed.any_process(got) if jax.process_count() > 1 else got
+
   def run(self) -> dict[str, Any]:
+    self.stop_signal = None
+    handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      return self._run()
+    finally:
+      for s, h in handlers.items():
+        signal.signal(s, h)
+
+  def _run(self) -> dict[str, Any]:
     t, run = self.t, self.run_state
     step = run["step"]
     bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
@@ -286,30 +361,47 @@ class _Trainer:
         os.kill(os.getpid(), signal.SIGKILL)
       if step % t.log_every == 0 or step == t.steps:
         self._log(step, m, bar)
+        self._check_finite(step, m)
       if step % t.eval_every == 0 or step == t.steps:
         self._evaluate(step)
       run["step"] = step
-      if step % self.cfg.checkpoint.every == 0 or step == t.steps or run["stopped_early"]:
+      preempted = self._preempted()
+      if (step % self.cfg.checkpoint.every == 0 or step == t.steps or run["stopped_early"]
+          or preempted):
+        self._check_finite(step, m)  # never checkpoint past a non-finite step under `stop`
         self._save(step)
       bar.update(1)
+      if preempted:
+        bar.close()
+        self._close()
+        name = signal.Signals(self.stop_signal or signal.SIGTERM).name
+        raise Preempted(f"{name} at step {step}: checkpoint saved, metrics flushed; rerun the "
+                        "same command to resume", self.stop_signal or signal.SIGTERM)
     bar.close()
     if self.ckpt.latest_step() != step:
       self._save(step)
-    self.ckpt.close()
-    if self.writer:
-      self.writer.close()
+    self._close()
     self._export()
     rep = self._finish(time.time() - self.t_start)
     distributed.sync("report written")
     return rep
+
+  def _close(self) -> None:
+    self.ckpt.close()
+    if self.writer:
+      self.writer.close()
 
   def _export(self) -> None:
     """The model object moves to the host (gathered from every process) and is saved
     with its tokenizer to workdir/model; evaluation keeps the sharded params."""
     nnx.update(self.model, distributed.fully_replicated_host(self.params))
     if self.primary:
-      save_pretrained(self.model, os.path.join(self.workdir, "model"))
-      self.corpus.tokenizer.save(os.path.join(self.workdir, "model"))
+      out = os.path.join(self.workdir, "model")
+      try:
+        save_pretrained(self.model, out)
+        self.corpus.tokenizer.save(out)
+      except OSError as e:
+        raise DataError(f"cannot write the exported model to {out}: {e.strerror or e}") from None
 
   def _finish(self, wall: float) -> dict[str, Any]:
     """Final validation and test evaluation (every process); the task's samples and
@@ -344,11 +436,11 @@ def evaluate(cfg, workdir: str) -> dict[str, Any]:
     corpus, model, task = setup(cfg, workdir, mesh)
     graphdef, params, _, _, opt_state, _ = sharded_train_state(model, cfg, mesh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                        max_to_keep=cfg.checkpoint.max_to_keep)
-    step = ckpt.latest_step()
-    if step is None:
+                        max_to_keep=cfg.checkpoint.max_to_keep, read_only=True)
+    found = ckpt.restore_latest((params, opt_state), log)
+    if found is None:
       raise ConfigError(f"--workdir {workdir}: no checkpoints to evaluate (train first)")
-    (params, _), _ = ckpt.restore(step, (params, opt_state))
+    (params, _), _, step = found
     ckpt.close()
     evaluator = Evaluator(corpus, cfg, graphdef, task, model.config.vocab_size,
                           batch_sharding=batch_sharding(cfg, mesh))

@@ -9,6 +9,8 @@ from typing import Any
 
 from tensorboardX import SummaryWriter
 
+from jaxlm.errors import DataError
+
 
 def _clean(v):
   v = float(v)
@@ -31,8 +33,11 @@ class MetricsWriter:
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     row = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(row) + "\n")
+    try:
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    except OSError as e:
+      raise DataError(f"cannot write {self.path}: {e.strerror or e}") from None
     for k, v in row.items():
       if k != "step" and v is not None:
         self.tb.add_scalar(k, v, step)

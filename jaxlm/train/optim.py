@@ -1,7 +1,10 @@
-"""Optimizers: AdamW (or SGD with momentum), warmup then decay, clipping, and no weight
-decay on biases and norms."""
+"""Optimizers: AdamW (or SGD with momentum), warmup then decay, clipping, no weight
+decay on biases and norms, and a guard that never applies a non-finite step."""
+
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -23,7 +26,39 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
+class GuardState(NamedTuple):
+  inner: optax.OptState
+  skipped_in_a_row: jax.Array  # [] int32: non-finite steps since the last finite one
+  skipped_total: jax.Array  # [] int32
+  first_skipped_step: jax.Array  # [] int32: the update count of the first one, -1 = none
+  count: jax.Array  # [] int32: updates seen
+
+
+class SkipNonFinite(NamedTuple):
+  """Wraps an optimizer so that a step whose loss or gradient norm is not finite changes
+  nothing (parameters and optimizer state stay as they were) and is counted instead, on
+  the device: the loop reads the counters with the metrics it fetches anyway. Like
+  optax.apply_if_finite, but it also looks at the loss and never gives up skipping."""
+
+  inner: optax.GradientTransformation
+
+  def init(self, params) -> GuardState:
+    zero = jnp.zeros((), jnp.int32)
+    return GuardState(self.inner.init(params), zero, zero, zero - 1, zero)
+
+  def update(self, grads, state: GuardState, params=None, *, finite=True):
+    updates, inner = self.inner.update(grads, state.inner, params)
+    finite = jnp.asarray(finite)
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    inner = jax.tree.map(lambda n, o: jnp.where(finite, n, o), inner, state.inner)
+    bad = (~finite).astype(jnp.int32)
+    first = jnp.where((state.first_skipped_step < 0) & ~finite, state.count,
+                      state.first_skipped_step)
+    return updates, GuardState(inner, (state.skipped_in_a_row + 1) * bad,
+                               state.skipped_total + bad, first, state.count + 1)
+
+
+def make_optimizer(t) -> tuple[SkipNonFinite, optax.Schedule]:
   schedule = learning_rate_schedule(t)
   if t.optimizer == "sgd":
     opt = optax.chain(optax.add_decayed_weights(t.weight_decay, mask=decay_mask),
@@ -33,4 +68,4 @@ def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
                       mask=decay_mask)
   if t.grad_clip_norm:
     opt = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), opt)
-  return opt, schedule
+  return SkipNonFinite(opt), schedule

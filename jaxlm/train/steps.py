@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from jaxlm.tasks import Task
+from jaxlm.train.optim import SkipNonFinite
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, task: Task, *, seed: int,
@@ -59,9 +60,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, task: Task, *, s
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (loss0, stats0, grads0))
       (loss, stats, grads), _ = jax.lax.scan(body, zeros, jnp.arange(A))
       stats = {k: v / A if k in task.mean_stats else v for k, v in stats.items()}
-    updates, opt_state = tx.update(grads, opt_state, params)
+    grad_norm = optax.tree.norm(grads)
+    guard = {}
+    if isinstance(tx, SkipNonFinite):  # a non-finite step changes nothing
+      updates, opt_state = tx.update(grads, opt_state, params,
+                                     finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+      guard = {"skipped_steps": opt_state.skipped_total,
+               "skipped_in_a_row": opt_state.skipped_in_a_row,
+               "first_skipped_step": opt_state.first_skipped_step}
+    else:
+      updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **stats}
+    return params, opt_state, {"loss": loss, "grad_norm": grad_norm, **stats, **guard}
 
   return _compiled_then_trimmed(
       jax.jit(train_step, donate_argnums=(0, 1), out_shardings=out_shardings))
