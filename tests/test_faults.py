@@ -55,9 +55,18 @@ def wait_for_step(workdir, step, proc, timeout=300):
 
 
 def one_error_line(r):
+  """The only line on stderr (a run refused before it started)."""
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
   return lines[0]
+
+
+def final_error_line(r):
+  """The error that ended a run that had started (progress lines come before it)."""
+  lines = r.stderr.strip().splitlines()
+  assert lines and lines[-1].startswith("error:") and "Traceback" not in r.stderr, \
+      r.stderr[-2000:]
+  return lines[-1]
 
 
 # ---- the workdir lock ---------------------------------------------------------------------
@@ -75,12 +84,11 @@ def test_a_second_run_is_refused_and_a_killed_holder_does_not_block(tmp_path, ti
   assert f"pid {first.pid} on" in line and "in use by another run" in line, line
   os.kill(first.pid, signal.SIGKILL)  # the kernel drops its lock
   first.wait()
-  third = run_main(wd, "--config.train.steps=30", "--config.train.log_every=5",
-                   "--config.checkpoint.every=10", "--config.train.eval_every=30")
+  third = run_main(wd, *args)
   assert third.returncode == 0, third.stderr[-2000:]
   assert "resuming from checkpoint at step" in third.stderr
   steps = [r["step"] for r in rows(wd) if "loss" in r]
-  assert steps == sorted(set(steps)) and steps[-1] == 30  # no step logged twice
+  assert steps == sorted(set(steps)) and steps[-1] == 400  # no step logged twice
 
 
 # ---- preemption ------------------------------------------------------------------------------
@@ -123,7 +131,7 @@ def test_a_diverging_run_stops_at_the_bad_step_and_eval_uses_the_last_good_check
   wd = fresh_workdir(tmp_path, tiny_corpus)
   r = run_main(wd, *DIVERGE)
   assert r.returncode == 3, r.stderr[-2000:]
-  line = one_error_line(r)
+  line = final_error_line(r)
   bad = int(line.split("error: step ")[1].split(":")[0])
   assert "not finite" in line and "train.nan_policy=stop" in line
   logged = [x for x in rows(wd) if "loss" in x]
@@ -140,7 +148,7 @@ def test_skip_policy_counts_skipped_steps(tmp_path, tiny_corpus):
   r = run_main(wd, *DIVERGE, "--config.train.nan_policy=skip",
                "--config.train.max_skipped_steps=3")
   assert r.returncode == 3, r.stderr[-2000:]
-  assert "3 non-finite steps in a row" in one_error_line(r)
+  assert "3 non-finite steps in a row" in final_error_line(r)
   skipped = [x["skipped_steps"] for x in rows(wd) if "skipped_steps" in x]
   assert skipped[0] == 0 and skipped[-1] >= 3
 
@@ -171,7 +179,8 @@ def test_no_restorable_checkpoint_is_an_error_and_fresh_moves_them_aside(tmp_pat
     if p.is_file() and p.stat().st_size > 100:
       p.write_bytes(b"\0" * 64)
   r = run_main(wd, *args)
-  assert r.returncode == 2 and "no checkpoint in" in one_error_line(r)
+  assert r.returncode == 2 and "no checkpoint in" in final_error_line(r)
+  assert "checkpoint at step 10 cannot be restored" in r.stderr
   r = run_main(wd, *args, "--fresh")
   assert r.returncode == 0, r.stderr[-2000:]
   assert [p for p in os.listdir(wd) if p.startswith("checkpoints.stale-")]

@@ -50,6 +50,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int, read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    self.read_only = read_only
     # Synchronous saves: the train step donates its buffers, and a save must not read
     # arrays that the next step is already overwriting. read_only (--mode=eval): nothing
     # in the directory is created, cleaned up or deleted.
@@ -90,23 +91,48 @@ class Checkpointer:
     failures = []
     for step in reversed(steps):
       try:
-        state, run = self.restore(step, like)
-        return state, run, step
+        with _quiet_absl():  # orbax logs its own error lines; ours says it in one
+          state, run = self.restore(step, like)
       except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many kinds)
         reason = _one_line(e)
         failures.append(f"step {step}: {reason}")
         older = [s for s in steps if s < step]
         log(f"checkpoint at step {step} cannot be restored ({reason}); "
             + (f"trying step {older[-1]}" if older else "no older checkpoint"))
+        continue
+      self._set_aside([s for s in steps if s > step])
+      return state, run, step
     if steps:
       raise ConfigError(f"no checkpoint in {self.directory} can be restored ("
                         + "; ".join(failures) + "); rerun with --fresh to start over (the "
                         "checkpoints are moved aside, not deleted)")
     return None
 
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unrestorable checkpoints out of the way (never deleted), so that the resumed
+    run can write those steps again."""
+    if not steps or self.read_only:
+      return
+    aside = f"{self.directory}.unrestorable-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      os.rename(os.path.join(self.directory, str(step)), os.path.join(aside, str(step)))
+    self.manager.reload()
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  from absl import logging  # noqa: PLC0415
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.FATAL)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(level)
 
 
 def _one_line(e: BaseException) -> str:

@@ -280,6 +280,8 @@ class _Trainer:
            "tokens_per_s": (self.run_state["tokens_seen"] - tokens0) / max(dt, 1e-9),
            "grad_norm": m["grad_norm"], "step_time_s": dt / max(step - step0, 1)}
     row.update(self.task.train_metrics(m))
+    if "skipped_steps" in m:  # non-finite steps the guard never applied (train.nan_policy)
+      row["skipped_steps"] = m["skipped_steps"]
     row.update(_router_metrics(m))
     if self.peak is not None:  # model FLOPs utilization (MaxText's FLOPs accounting)
       row["mfu"] = self._mfu(row["tokens_per_s"])
