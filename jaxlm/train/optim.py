@@ -43,8 +43,9 @@ class SkipNonFinite(NamedTuple):
   inner: optax.GradientTransformation
 
   def init(self, params) -> GuardState:
-    zero = jnp.zeros((), jnp.int32)
-    return GuardState(self.inner.init(params), zero, zero, zero - 1, zero)
+    # Four separate buffers: a donating step must not see one buffer twice.
+    z = lambda v: jnp.full((), v, jnp.int32)  # noqa: E731
+    return GuardState(self.inner.init(params), z(0), z(0), z(-1), z(0))
 
   def update(self, grads, state: GuardState, params=None, *, finite=True):
     updates, inner = self.inner.update(grads, state.inner, params)
