@@ -21,7 +21,7 @@ CONFIG_NAME = "config.json"
 # the architecture, so reading them is not an "unknown key".
 _HF_IGNORED_KEYS = frozenset({
     "transformers_version", "torch_dtype", "dtype", "use_cache", "gradient_checkpointing",
-    "classifier_dropout", "_name_or_path", "id2label", "label2id", "problem_type",
+    "_name_or_path", "problem_type",
     "output_past", "return_dict", "output_hidden_states", "output_attentions",
     "is_decoder", "add_cross_attention", "chunk_size_feed_forward", "pruned_heads",
     "tie_encoder_decoder", "torchscript",
@@ -145,8 +145,33 @@ class ModelConfig:
   # Runtime choice.
   param_dtype: str = "float32"
 
+  # ---- task heads (models/heads.py): classification and extractive QA --------------------
+  # The head's layout follows from the architecture (BertForSequenceClassification pools
+  # through the pooler, RoBERTa/DistilBERT read token 0, decoders their last real token).
+  num_labels: int = 2
+  # Label names by id, as in HF config.json; JSON keys are strings ("0"), kept here as ints.
+  id2label: dict | None = None  # None: transformers' defaults LABEL_0 ... LABEL_{n-1}
+  label2id: dict | None = None
+  classifier_dropout: float | None = None  # None: hidden_dropout_prob (as transformers)
+
   def __post_init__(self):
+    self._normalize_labels()
     self.validate()
+
+  def _normalize_labels(self) -> None:
+    """JSON (and HF config.json) spells label ids as strings: {"0": "neg"} -> {0: "neg"}."""
+    for name, key_is_id in (("id2label", True), ("label2id", False)):
+      d = getattr(self, name)
+      if d is None:
+        continue
+      if not isinstance(d, dict):
+        raise ConfigError(f"model.{name} must be a dict or None, got {d!r}")
+      try:
+        d = ({int(k): str(v) for k, v in d.items()} if key_is_id
+             else {str(k): int(v) for k, v in d.items()})
+      except (TypeError, ValueError):
+        raise ConfigError(f"model.{name}: label ids must be integers, got {d!r}") from None
+      setattr(self, name, d)
 
   def __hash__(self):
     # Models keep their config as static data, and compiled functions that take a model's
@@ -210,10 +235,26 @@ class ModelConfig:
     for name in ("router_aux_loss_coef", "router_z_loss_coef"):
       if getattr(self, name) < 0:
         raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+    self._validate_labels()
     if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
       raise ConfigError(
           f"model.moe_capacity_factor must be positive (or None: dropless), "
           f"got {self.moe_capacity_factor}")
+
+  def _validate_labels(self) -> None:
+    n = self.num_labels
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+      raise ConfigError(f"model.num_labels must be a positive integer, got {n!r}")
+    if self.id2label is not None and set(self.id2label) != set(range(n)):
+      raise ConfigError(f"model.id2label must name the ids 0..{n - 1} of model.num_labels={n}, "
+                        f"got ids {sorted(self.id2label)}")
+    # Several names may share an id (transformers checks nothing), but every id must exist.
+    if self.label2id is not None and not set(self.label2id.values()) <= set(range(n)):
+      raise ConfigError(f"model.label2id maps to ids outside 0..{n - 1} of model.num_labels="
+                        f"{n}: {sorted(set(self.label2id.values()) - set(range(n)))}")
+    p = self.classifier_dropout
+    if p is not None and not 0.0 <= p < 1.0:
+      raise ConfigError(f"model.classifier_dropout must be in [0, 1) or None, got {p}")
 
   @property
   def kv_heads(self) -> int:
@@ -250,6 +291,8 @@ class ModelConfig:
         continue
       elif not (hf and key in _HF_IGNORED_KEYS):
         raise ConfigError(f"model.{key}: unknown ModelConfig key")
+    if hf and kwargs.get("id2label") and "num_labels" not in kwargs:
+      kwargs["num_labels"] = len(kwargs["id2label"])  # HF configs imply it (no such key)
     return cls(**kwargs)
 
   @classmethod

@@ -1,7 +1,9 @@
-"""BERT (BertModel, BertForMaskedLM, BertForPreTraining), RoBERTa (RobertaModel,
-RobertaForMaskedLM) and DistilBERT (DistilBertModel, DistilBertForMaskedLM): post-LN
-encoders that jaxlm runs with one model (`jaxlm.models.encoder`), so this module is mostly
-naming, one TensorMap per HF class.
+"""BERT (BertModel, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification,
+BertForTokenClassification, BertForQuestionAnswering), RoBERTa (RobertaModel,
+RobertaForMaskedLM, RobertaForSequenceClassification) and DistilBERT (DistilBertModel,
+DistilBertForMaskedLM, DistilBertForSequenceClassification): post-LN encoders that jaxlm
+runs with one model (`jaxlm.models.encoder`), so this module is mostly naming, one
+TensorMap per HF class.
 
 HF details handled here:
 - Head models keep the base model under a prefix ("bert.", "roberta.", "distilbert."),
@@ -14,6 +16,10 @@ HF details handled here:
   twice (`decoder.bias` is `bias`): either is read, and the copy is written when the
   decoder is untied, as transformers does.
 - Legacy TF-era names `LayerNorm.gamma` / `LayerNorm.beta` are accepted on import.
+- Only BertModel, RobertaModel, BertForPreTraining and BertForSequenceClassification have a
+  pooler; RoBERTa's and DistilBERT's sequence classifiers have a hidden layer of their own.
+- Labels (num_labels, id2label, label2id) and the classifier dropout (`classifier_dropout`,
+  DistilBERT's `seq_classif_dropout`) travel in config.json.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import functools
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.hf.common import TensorMap, map_family
+from jaxlm.hf.common import TensorMap, labels_from_hf, labels_to_hf, map_family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +43,8 @@ class _Spec:
   layer: dict[str, str]  # jaxlm module under layers.{i} -> HF module under layer.{i}
   mlm: tuple[str, str, str, str]  # HF MLM head: transform, norm, decoder, vocab bias
   pooler: bool  # whether the base model has one
+  # *ForSequenceClassification's head: (HF Linear, jaxlm Dense) pairs (models/heads.py)
+  sequence_head: tuple[tuple[str, str], ...]
 
 
 _BERT_LAYER = {
@@ -52,13 +60,20 @@ _DISTIL_LAYER = {
 }
 BERT = _Spec("bert", "bert.", "BertModel", "encoder.layer", _BERT_LAYER,
              ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
-              "cls.predictions.decoder", "cls.predictions.bias"), pooler=True)
+              "cls.predictions.decoder", "cls.predictions.bias"), pooler=True,
+             sequence_head=(("classifier", "classifier.out"),))
 ROBERTA = _Spec("roberta", "roberta.", "RobertaModel", "encoder.layer", _BERT_LAYER,
                 ("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias"),
-                pooler=True)
+                pooler=True, sequence_head=(("classifier.dense", "classifier.dense"),
+                                            ("classifier.out_proj", "classifier.out")))
 DISTILBERT = _Spec("distilbert", "distilbert.", "DistilBertModel", "transformer.layer",
                    _DISTIL_LAYER, ("vocab_transform", "vocab_layer_norm", "vocab_projector",
-                                   "vocab_projector.bias"), pooler=False)
+                                   "vocab_projector.bias"), pooler=False,
+                   sequence_head=(("pre_classifier", "classifier.dense"),
+                                  ("classifier", "classifier.out")))
+# The classes whose base model keeps its pooler (the others drop it, as transformers does).
+_WITH_POOLER = ("BertModel", "RobertaModel", "BertForPreTraining",
+                "BertForSequenceClassification")
 
 
 # ---- tensors ------------------------------------------------------------------------------
@@ -80,9 +95,9 @@ def tensor_map(spec: _Spec, cfg: ModelConfig, arch: str) -> TensorMap:
     for jax, hf in spec.layer.items():
       add = tm.norm if jax.endswith("_norm") else tm.linear
       add(f"{hp}{spec.stack}.{i}.{hf}", f"{jp}layers.{i}.{jax}", bias=True)
-  if spec.pooler and not arch.endswith("ForMaskedLM"):
+  if spec.pooler and arch in _WITH_POOLER:
     tm.linear(f"{hp}pooler.dense", f"{jp}pooler", bias=True)
-  if not base:
+  if arch.endswith(("ForMaskedLM", "ForPreTraining")):
     transform, norm, decoder, bias = spec.mlm
     tm.linear(transform, "mlm.transform", bias=True)
     tm.norm(norm, "mlm.norm", bias=True)
@@ -93,6 +108,13 @@ def tensor_map(spec: _Spec, cfg: ModelConfig, arch: str) -> TensorMap:
       tm.duplicate(f"{decoder}.bias", of=bias, write=not cfg.tie_word_embeddings)
   if arch == "BertForPreTraining":
     tm.linear("cls.seq_relationship", "nsp.classifier", bias=True)
+  heads = {"ForSequenceClassification": spec.sequence_head,
+           "ForTokenClassification": (("classifier", "classifier.out"),),
+           "ForQuestionAnswering": (("qa_outputs", "qa.out"),)}
+  for suffix, pairs in heads.items():
+    if arch.endswith(suffix):
+      for hf, jax in pairs:
+        tm.linear(hf, jax, bias=True)
   return tm
 
 
@@ -101,7 +123,7 @@ _BERT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_h
               "intermediate_size", "hidden_act", "hidden_dropout_prob",
               "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
               "layer_norm_eps", "initializer_range", "pad_token_id", "bos_token_id",
-              "eos_token_id", "tie_word_embeddings")
+              "eos_token_id", "tie_word_embeddings", "classifier_dropout")
 # HF config defaults where they differ from ModelConfig's (a key may be absent).
 _HF_DEFAULTS = {"bert": {}, "roberta": {"vocab_size": 50265, "pad_token_id": 1,
                                         "bos_token_id": 0, "eos_token_id": 2}}
@@ -115,6 +137,7 @@ _DISTIL_KEYS = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "n
                 "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
                 "tie_word_embeddings": "tie_word_embeddings"}
 _DISTIL_DEFAULTS = {"num_hidden_layers": 6}  # the rest equal ModelConfig's defaults
+_DISTIL_CLASSIFIER_DROPOUT = 0.2  # seq_classif_dropout's default in transformers
 _DISTIL_EPS = 1e-12  # hard-coded in transformers' DistilBERT
 
 
@@ -131,10 +154,12 @@ def config_from_hf(spec: _Spec, d: dict) -> ModelConfig:
     kw = {field: d[key] for key, field in _DISTIL_KEYS.items() if key in d}
     # sinusoidal_pos_embds only changes the init: the table is in the checkpoint.
     return ModelConfig(model_type="distilbert", type_vocab_size=0, layer_norm_eps=_DISTIL_EPS,
-                       **{**_DISTIL_DEFAULTS, **kw})
+                       classifier_dropout=d.get("seq_classif_dropout",
+                                                _DISTIL_CLASSIFIER_DROPOUT),
+                       **{**_DISTIL_DEFAULTS, **kw}, **labels_from_hf(d))
   kw = {k: d[k] for k in _BERT_KEYS if k in d}
   return ModelConfig(model_type=spec.model_type, position_ids_from_mask=spec is ROBERTA,
-                     **{**_HF_DEFAULTS[spec.model_type], **kw})
+                     **{**_HF_DEFAULTS[spec.model_type], **kw}, **labels_from_hf(d))
 
 
 def _check_expressible(spec: _Spec, cfg: ModelConfig) -> None:
@@ -165,11 +190,15 @@ def config_to_hf(spec: _Spec, cfg: ModelConfig, arch: str) -> dict:
   _check_expressible(spec, cfg)
   if spec is DISTILBERT:
     out = {key: getattr(cfg, field) for key, field in _DISTIL_KEYS.items()}
-    out.update(sinusoidal_pos_embds=False, qa_dropout=0.1, seq_classif_dropout=0.2)
+    # DistilBERT has no "use hidden_dropout_prob" fallback: write the rate jaxlm uses.
+    classifier = (cfg.hidden_dropout_prob if cfg.classifier_dropout is None
+                  else cfg.classifier_dropout)
+    out.update(sinusoidal_pos_embds=False, qa_dropout=0.1, seq_classif_dropout=classifier)
   else:
     out = {k: getattr(cfg, k) for k in _BERT_KEYS}
     out.update(is_decoder=False, add_cross_attention=False)
-  out.update(architectures=[arch], model_type=spec.model_type, dtype=cfg.param_dtype)
+  out.update(architectures=[arch], model_type=spec.model_type, dtype=cfg.param_dtype,
+             **labels_to_hf(cfg))
   return out
 
 
@@ -179,6 +208,10 @@ def _family(spec: _Spec, *architectures: str):
                     per_class=True)
 
 
-FAMILIES = (_family(BERT, "BertModel", "BertForMaskedLM", "BertForPreTraining"),
-            _family(ROBERTA, "RobertaModel", "RobertaForMaskedLM"),
-            _family(DISTILBERT, "DistilBertModel", "DistilBertForMaskedLM"))
+FAMILIES = (_family(BERT, "BertModel", "BertForMaskedLM", "BertForPreTraining",
+                    "BertForSequenceClassification", "BertForTokenClassification",
+                    "BertForQuestionAnswering"),
+            _family(ROBERTA, "RobertaModel", "RobertaForMaskedLM",
+                    "RobertaForSequenceClassification"),
+            _family(DISTILBERT, "DistilBertModel", "DistilBertForMaskedLM",
+                    "DistilBertForSequenceClassification"))

@@ -353,6 +353,37 @@ def special_tokens_from_hf(hf: dict) -> dict:
               eos_token_id=hf.get("eos_token_id"))
 
 
+def labels_from_hf(hf: dict) -> dict:
+  """num_labels, id2label, label2id as transformers reads them: num_labels is the size of
+  id2label when there is one, else the `num_labels` key, else 2. transformers' default
+  names (LABEL_0, ...) read as None, so configs round-trip equal."""
+  id2label, label2id = hf.get("id2label") or None, hf.get("label2id") or None
+  num = len(id2label) if id2label else hf.get("num_labels") or 2
+  default = {str(i): f"LABEL_{i}" for i in range(num)}
+  if id2label is not None and {str(k): v for k, v in id2label.items()} == default and (
+      label2id is None or label2id == {v: int(k) for k, v in default.items()}):
+    id2label = label2id = None  # transformers' default names: the same as none given
+  return dict(num_labels=num, id2label=id2label, label2id=label2id)
+
+
+def labels_to_hf(cfg: ModelConfig) -> dict:
+  """The label keys transformers writes: none for its default two labels (LABEL_0, LABEL_1),
+  else id2label (string keys, as JSON has them) and label2id; num_labels follows from
+  id2label. A label2id the config lacks is left out unless the names are the defaults."""
+  default = {i: f"LABEL_{i}" for i in range(cfg.num_labels)}
+  id2label = cfg.id2label or default
+  label2id = cfg.label2id
+  if label2id is None and cfg.id2label is None:
+    label2id = {v: k for k, v in default.items()}
+  if cfg.num_labels == 2 and id2label == default and label2id in (None, {"LABEL_0": 0,
+                                                                            "LABEL_1": 1}):
+    return {}
+  out = {"id2label": {str(k): v for k, v in sorted(id2label.items())}}
+  if label2id is not None:
+    out["label2id"] = dict(label2id)
+  return out
+
+
 def common_to_hf(cfg: ModelConfig, arch: str, model_type: str, *, moe: bool = False) -> dict:
   """The keys every family's config.json carries. A model with MoE layers is refused
   unless the family has them (`moe`), so save_pretrained falls back to a jaxlm export."""

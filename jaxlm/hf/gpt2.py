@@ -1,11 +1,13 @@
-"""GPT-2 (GPT2LMHeadModel): pre-LN, learned positions, Conv1D weights stored [in, out] with
-a fused [q | k | v] c_attn, LM head tied to wte."""
+"""GPT-2 (GPT2LMHeadModel, GPT2ForSequenceClassification): pre-LN, learned positions,
+Conv1D weights stored [in, out] with a fused [q | k | v] c_attn, LM head tied to wte; the
+classifier's `score` is a torch Linear (bias-free, num_labels outputs)."""
 
 from __future__ import annotations
 
 from jaxlm.config import ModelConfig
-from jaxlm.hf.common import (TensorMap, common_to_hf, expect, qkv_fuse_blocks, qkv_split_blocks,
-                             map_family, require, special_tokens_from_hf)
+from jaxlm.hf.common import (TensorMap, common_to_hf, expect, labels_from_hf, labels_to_hf,
+                             map_family, qkv_fuse_blocks, qkv_split_blocks, require,
+                             special_tokens_from_hf)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -27,7 +29,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
       tie_word_embeddings=hf.get("tie_word_embeddings", True),
       causal=True, norm_position="pre", position_embedding_type="absolute",
       **{**special_tokens_from_hf(hf), "bos_token_id": hf.get("bos_token_id", 50256),
-         "eos_token_id": hf.get("eos_token_id", 50256)})
+         "eos_token_id": hf.get("eos_token_id", 50256)}, **labels_from_hf(hf))
 
 
 def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
@@ -46,10 +48,11 @@ def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
       "resid_pdrop": cfg.hidden_dropout_prob, "embd_pdrop": cfg.hidden_dropout_prob,
       "attn_pdrop": cfg.attention_probs_dropout_prob,
       "layer_norm_epsilon": cfg.layer_norm_eps, "scale_attn_weights": True,
+      **labels_to_hf(cfg),
   }
 
 
-def tensor_map(cfg: ModelConfig) -> TensorMap:
+def tensor_map(cfg: ModelConfig, arch: str) -> TensorMap:
   D = cfg.hidden_size
   # Conv1D weights are already [in, out], like jaxlm kernels: no transposes anywhere.
   # attn.bias / attn.masked_bias: causal-mask buffers that old checkpoints saved.
@@ -72,8 +75,10 @@ def tensor_map(cfg: ModelConfig) -> TensorMap:
     tm.rename(f"{h}.mlp.c_proj.weight", f"{j}.mlp.down.kernel")
     tm.rename(f"{h}.mlp.c_proj.bias", f"{j}.mlp.down.bias")
   tm.norm("transformer.ln_f", "model.norm", bias=True)
+  if arch == "GPT2ForSequenceClassification":
+    return tm.linear("score", "score", bias=False)
   return tm.lm_head("lm_head", tied=cfg.tie_word_embeddings)
 
 
-FAMILIES = (map_family("gpt2", ("GPT2LMHeadModel",), config_from_hf, config_to_hf,
-                        tensor_map),)
+FAMILIES = (map_family("gpt2", ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+                       config_from_hf, config_to_hf, tensor_map, per_class=True),)

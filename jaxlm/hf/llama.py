@@ -1,19 +1,24 @@
 """Llama (LlamaForCausalLM) and Mistral (MistralForCausalLM): RMSNorm, SwiGLU MLP, RoPE
 (optionally linear / llama3 scaled), GQA; Mistral adds a sliding attention window. Separate
-q/k/v/o projections, so the tensor map is a plain rename with transposes."""
+q/k/v/o projections, so the tensor map is a plain rename with transposes. The
+*ForSequenceClassification classes swap the LM head for `score` (bias-free, num_labels
+outputs); their labels travel in config.json."""
 
 from __future__ import annotations
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.hf.common import (TensorMap, common_to_hf, expect, map_family, rope_from_hf,
-                             rope_to_hf, special_tokens_from_hf)
+from jaxlm.hf.common import (TensorMap, common_to_hf, expect, labels_from_hf, labels_to_hf,
+                             map_family, rope_from_hf, rope_to_hf, special_tokens_from_hf)
 
 _MISTRAL = "MistralForCausalLM"
+_CLASSES = ("LlamaForCausalLM", _MISTRAL, "LlamaForSequenceClassification",
+            "MistralForSequenceClassification")
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-  mistral = hf.get("model_type") == "mistral" or _MISTRAL in (hf.get("architectures") or [])
+  mistral = hf.get("model_type") == "mistral" or any(
+      a.startswith("Mistral") for a in hf.get("architectures") or [])
   heads = hf.get("num_attention_heads", 32)
   d = hf.get("hidden_size", 4096)
   bias = False if mistral else hf.get("attention_bias", False)
@@ -38,11 +43,12 @@ def config_from_hf(hf: dict) -> ModelConfig:
       mlp_bias=False if mistral else hf.get("mlp_bias", False),
       attention_bias=bias, attention_out_bias=bias,
       sliding_window=hf.get("sliding_window", 4096) if mistral else None,
-      position_embedding_type="rope", **rope, **special_tokens_from_hf(hf))
+      position_embedding_type="rope", **rope, **special_tokens_from_hf(hf),
+      **labels_from_hf(hf))
 
 
 def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
-  mistral = arch == _MISTRAL
+  mistral = arch.startswith("Mistral")
   name = "Mistral" if mistral else "Llama"
   expect(cfg, name, causal=True, norm_type="rmsnorm", norm_position="pre",
          embedding_norm=False, mlp_type="gated", parallel_residual=False,
@@ -61,7 +67,7 @@ def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
       "hidden_act": cfg.hidden_act, "max_position_embeddings": cfg.max_position_embeddings,
       "rms_norm_eps": cfg.layer_norm_eps,
       "attention_dropout": cfg.attention_probs_dropout_prob,
-      "rope_parameters": rope_to_hf(cfg, with_partial=False),
+      "rope_parameters": rope_to_hf(cfg, with_partial=False), **labels_to_hf(cfg),
   }
   if mistral:
     out["sliding_window"] = cfg.sliding_window
@@ -70,7 +76,7 @@ def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
   return out
 
 
-def tensor_map(cfg: ModelConfig) -> TensorMap:
+def tensor_map(cfg: ModelConfig, arch: str) -> TensorMap:
   # rotary_emb.inv_freq: a buffer that older checkpoints saved; recomputed from the config.
   tm = TensorMap("model.", ignore=[r"\.rotary_emb\.inv_freq$"])
   tm.rename("model.embed_tokens.weight", "model.embed.embedding")
@@ -85,8 +91,10 @@ def tensor_map(cfg: ModelConfig) -> TensorMap:
     for hf_name, jax_name in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
       tm.linear(f"{h}.mlp.{hf_name}", f"{j}.mlp.{jax_name}", bias=cfg.mlp_bias)
   tm.norm("model.norm", "model.norm", bias=False)
+  if arch.endswith("ForSequenceClassification"):
+    return tm.linear("score", "score", bias=False)
   return tm.lm_head("lm_head", tied=cfg.tie_word_embeddings)
 
 
-FAMILIES = (map_family("llama", ("LlamaForCausalLM", _MISTRAL), config_from_hf, config_to_hf,
-                        tensor_map),)
+FAMILIES = (map_family("llama", _CLASSES, config_from_hf, config_to_hf, tensor_map,
+                       per_class=True),)

@@ -4,7 +4,7 @@ One generic composition of the shared block (models/block.py), steered only by
 ModelConfig fields:
 
   tokens -> embed (+ learned positions) (-> embed norm) -> N x TransformerBlock
-         -> final norm (pre-LN) -> LM head
+         -> final norm (pre-LN) -> LM head (or a sequence classifier, `score`)
 
 Positions enter as learned embeddings ("absolute"), rotations of q/k ("rope") or an
 additive logits bias ("alibi"). The families differ only in their configs (jaxlm/hf/*.py).
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig, Runtime
+from jaxlm.errors import ConfigError
 from jaxlm.layers.attention import MaskSpec
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.embed import Embed
@@ -26,6 +27,7 @@ from jaxlm.layers.vocab_loss import Projection
 from jaxlm.models.base import (RESIDUAL_AXES, PreTrainedModel, dtypes, rope_spec,
                                router_outputs, run_block)
 from jaxlm.models.block import TransformerBlock, norm
+from jaxlm.models.heads import last_token_positions, pool_at
 from jaxlm.models.outputs import ModelOutput
 from jaxlm.parallel.rules import constrain
 
@@ -154,6 +156,38 @@ class DecoderForCausalLM(PreTrainedModel):
                        **router_outputs(self, attention_mask))
 
 
+class DecoderForSequenceClassification(PreTrainedModel):
+  """A Decoder plus `score`, a bias-free Dense to num_labels, read at each row's last real
+  token (GPT2/Llama/MistralForSequenceClassification).
+
+  Like transformers, the row's last real token is its rightmost token that is not
+  config.pad_token_id, found from input_ids (heads.last_token_positions), not from the
+  attention mask: pad with the pad id, on either side. Without a pad id only single rows
+  are accepted (transformers refuses larger batches too) and the last position is read.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime = Runtime()):
+    self.config, self.runtime = cfg, runtime
+    self.model = Decoder(cfg, runtime, rngs=rngs)
+    self.score = Dense(cfg.hidden_size, cfg.num_labels, use_bias=False,
+                       init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg, runtime))
+
+  def __call__(self, input_ids_BT, attention_mask=None, *, position_ids=None,
+               rngs: nnx.Rngs | None = None) -> ModelOutput:
+    """logits [B, num_labels] (float32) at each row's last real token; last_hidden_state
+    [B, T, D]. attention_mask [B, T] (1 = real) masks keys, as in DecoderForCausalLM."""
+    pad = self.config.pad_token_id
+    if pad is None and input_ids_BT.shape[0] != 1:
+      raise ConfigError(f"model.pad_token_id is None: a sequence classifier cannot find the "
+                        f"last real token of {input_ids_BT.shape[0]} rows (set a pad id)")
+    _, h_BTD = self.model(input_ids_BT, attention_mask, position_ids=position_ids, rngs=rngs)
+    # Scored at every position and then pooled, as transformers does (the same numbers).
+    logits_BTC = self.score(h_BTD)
+    logits_BC = pool_at(logits_BTC, last_token_positions(input_ids_BT, pad))
+    return ModelOutput(logits=logits_BC, last_hidden_state=h_BTD,
+                       **router_outputs(self, attention_mask))
+
+
 # Hugging Face class names; every family is the same composition with a different config.
 ARCHITECTURES = {
     name: DecoderForCausalLM
@@ -161,3 +195,8 @@ ARCHITECTURES = {
                  "BloomForCausalLM", "MptForCausalLM", "GPTNeoXForCausalLM",
                  "MixtralForCausalLM")
 }
+ARCHITECTURES.update({
+    name: DecoderForSequenceClassification
+    for name in ("GPT2ForSequenceClassification", "LlamaForSequenceClassification",
+                 "MistralForSequenceClassification")
+})

@@ -3,8 +3,11 @@ TransformerBlock (models/block.py; post-LN here) and the task heads (models/head
 
 The three families share one code path; the config says how they differ:
 RoBERTa counts positions from the padding id (`position_ids_from_mask`) and has one
-token type, DistilBERT has no token types (`type_vocab_size=0`) and no pooler.
+token type, DistilBERT has no token types (`type_vocab_size=0`) and no pooler. Their
+sequence classifiers differ in layout, which the HF class name fixes (heads.py).
 """
+
+from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import nnx
@@ -18,7 +21,8 @@ from jaxlm.layers.linear import Dense
 from jaxlm.models.base import (RESIDUAL_AXES, PreTrainedModel, dtypes, rope_spec,
                                router_outputs, run_block)
 from jaxlm.models.block import TransformerBlock, norm
-from jaxlm.models.heads import MLMHead, NSPHead
+from jaxlm.models.heads import (SEQUENCE_HEAD_STYLES, MLMHead, NSPHead, QAHead,
+                                SequenceClassificationHead, TokenClassificationHead)
 from jaxlm.models.outputs import ModelOutput
 from jaxlm.parallel.rules import constrain
 
@@ -58,7 +62,6 @@ class Embeddings(nnx.Module):
         token_type_ids_BT = jnp.zeros_like(input_ids_BT)
       x_BTD = x_BTD + self.token_type(token_type_ids_BT)
     return dropout(self.norm(x_BTD), self.dropout_rate, rngs)
-
 
 
 # Block-layout fields this encoder implements only at their BERT values; anything else
@@ -173,7 +176,75 @@ class BertForPreTraining(PreTrainedModel):
                        nsp_logits=self.nsp(out.pooler_output))
 
 
-# Hugging Face class names; RoBERTa and DistilBERT differ from BERT only through the config.
+# ---- fine-tuning heads -----------------------------------------------------------------------
+# The HF class fixes its sequence classifier's layout (heads.SEQUENCE_HEAD_STYLES).
+_SEQUENCE_STYLE = {"BertForSequenceClassification": "bert",
+                   "RobertaForSequenceClassification": "roberta",
+                   "DistilBertForSequenceClassification": "distilbert"}
+
+
+def sequence_head_style(cfg: ModelConfig) -> str:
+  """The layout the architecture name fixes; a config without one goes by model_type."""
+  arch = (cfg.architectures or [None])[0]
+  if arch in _SEQUENCE_STYLE:
+    return _SEQUENCE_STYLE[arch]
+  return cfg.model_type if cfg.model_type in SEQUENCE_HEAD_STYLES else "bert"
+
+
+class BertForSequenceClassification(PreTrainedModel):
+  """One label distribution per row: BertForSequenceClassification (classifies the
+  pooler's output), RobertaForSequenceClassification and DistilBertForSequenceClassification
+  (a hidden layer over token 0's state; no pooler).
+
+  Returns ModelOutput with logits [B, num_labels] (float32), last_hidden_state and, for
+  BERT, pooler_output. `rngs` turns dropout on (None: deterministic).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime = Runtime()):
+    self.config, self.runtime = cfg, runtime
+    style = sequence_head_style(cfg)
+    self.bert = BertModel(cfg, rngs=rngs, runtime=runtime, add_pooler=style == "bert")
+    self.classifier = SequenceClassificationHead(cfg, runtime, style=style, rngs=rngs)
+
+  def __call__(self, input_ids_BT, attention_mask=None, token_type_ids=None,
+               position_ids=None, *, rngs: nnx.Rngs | None = None) -> ModelOutput:
+    out = self.bert(input_ids_BT, attention_mask, token_type_ids, position_ids, rngs=rngs)
+    pooled_BD = (out.pooler_output if out.pooler_output is not None
+                 else out.last_hidden_state[:, 0])
+    return out.replace(logits=self.classifier(pooled_BD, rngs=rngs))
+
+
+class BertForTokenClassification(PreTrainedModel):
+  """One label distribution per position (NER, tagging): logits [B, T, num_labels]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime = Runtime()):
+    self.config, self.runtime = cfg, runtime
+    self.bert = BertModel(cfg, rngs=rngs, runtime=runtime, add_pooler=False)
+    self.classifier = TokenClassificationHead(cfg, runtime, rngs=rngs)
+
+  def __call__(self, input_ids_BT, attention_mask=None, token_type_ids=None,
+               position_ids=None, *, rngs: nnx.Rngs | None = None) -> ModelOutput:
+    out = self.bert(input_ids_BT, attention_mask, token_type_ids, position_ids, rngs=rngs)
+    return out.replace(logits=self.classifier(out.last_hidden_state, rngs=rngs))
+
+
+class BertForQuestionAnswering(PreTrainedModel):
+  """Extractive QA: start_logits and end_logits [B, T] of the answer span (num_labels=2)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime = Runtime()):
+    self.config, self.runtime = cfg, runtime
+    self.bert = BertModel(cfg, rngs=rngs, runtime=runtime, add_pooler=False)
+    self.qa = QAHead(cfg, runtime, rngs=rngs)
+
+  def __call__(self, input_ids_BT, attention_mask=None, token_type_ids=None,
+               position_ids=None, *, rngs: nnx.Rngs | None = None) -> ModelOutput:
+    out = self.bert(input_ids_BT, attention_mask, token_type_ids, position_ids, rngs=rngs)
+    start_BT, end_BT = self.qa(out.last_hidden_state)
+    return out.replace(start_logits=start_BT, end_logits=end_BT)
+
+
+# Hugging Face class names; RoBERTa and DistilBERT differ from BERT only through the config
+# (and, for sequence classification, the head layout the class name fixes).
 ARCHITECTURES = {
     "BertForPreTraining": BertForPreTraining,
     "BertModel": BertModel,
@@ -182,4 +253,9 @@ ARCHITECTURES = {
     "RobertaForMaskedLM": BertForMaskedLM,
     "DistilBertModel": DistilBertModel,
     "DistilBertForMaskedLM": BertForMaskedLM,
+    "BertForSequenceClassification": BertForSequenceClassification,
+    "RobertaForSequenceClassification": BertForSequenceClassification,
+    "DistilBertForSequenceClassification": BertForSequenceClassification,
+    "BertForTokenClassification": BertForTokenClassification,
+    "BertForQuestionAnswering": BertForQuestionAnswering,
 }
