@@ -5,7 +5,8 @@ gelu_new, tied LM head) pretrained as a causal LM on the embedded corpus.
 
 The vocabulary is a WordPiece trained on the corpus (the model's vocab_size follows it),
 so the shape is GPT-2's except for the embedding rows. `configs/gpt2_small.py:tiny`
-shrinks the model and the run to seconds; `:bench` is the GPT shape of
+shrinks the model and the run to seconds; `:mini` is a 4-layer, 128-wide decoder
+trained for ~5 minutes (the start of configs/finetune_next_speaker.py); `:bench` is the GPT shape of
 benchmarks/train_throughput.py (d 256, 4 layers, seq 256, batch 8). To continue from a checkpoint instead
 (architecture and tokenizer then come from DIR):
 
@@ -32,10 +33,21 @@ def get_config(arg=None):
                    intermediate_size=256, max_position_embeddings=64, dtype="float32",
                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     experiment.tiny_run(c)
+  elif arg == "mini":  # ~5 min on 2 CPU cores; the decoder configs/finetune_next_speaker.py tunes
+    c.model.update(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   intermediate_size=512, max_position_embeddings=128,
+                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    c.tokenizer.vocab_size = 4096
+    c.data.max_seq_len = 128
+    c.train.update(steps=2000, batch_size=32, learning_rate=2e-3, warmup_steps=100,
+                   eval_every=500, log_every=50)
+    c.eval.update(batch_size=64, max_batches=10)
+    c.checkpoint.every = 500
   elif arg == "bench":
     experiment.bench_run(c, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                          intermediate_size=1024, max_seq_len=256, batch_size=8,
                          dtype="float32")
   elif arg:
-    raise ValueError(f"unknown variant {arg!r}; use configs/gpt2_small.py, :tiny or :bench")
+    raise ValueError(f"unknown variant {arg!r}; use configs/gpt2_small.py, :tiny, :mini or "
+                     ":bench")
   return c

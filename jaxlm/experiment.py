@@ -18,6 +18,8 @@ from jaxlm import tasks
 from jaxlm.config import ModelConfig, Runtime
 from jaxlm.errors import ConfigError
 from jaxlm.parallel.rules import DEFAULT_RULES
+from jaxlm.pretrained import resolve_dir
+from jaxlm.train import finetune
 
 # model.* keys that say how the model runs (jaxlm.config.Runtime), not what it is.
 RUNTIME_KEYS = tuple(f.name for f in dataclasses.fields(Runtime))
@@ -91,6 +93,23 @@ def base_config() -> ml_collections.ConfigDict:
   # "stop": end the run there; "skip": go on, and stop after max_skipped_steps in a row.
   c.train.nan_policy = "stop"
   c.train.max_skipped_steps = 10
+  # The validation metric early stopping and keep_best watch (lower is better for loss
+  # and perplexity, higher for the rest); keep_best ends the run with the best one's model.
+  c.train.early_stopping_metric = "loss"
+  c.train.keep_best = False
+
+  # Fine-tuning (train.objective classify | token_classify | extractive_qa | sft; see
+  # jaxlm/train/finetune.py): model.init_from is the pretrained model.
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.dataset = ""  # embedded: "genre" | "who_speaks" | "next_speaker"; "": data.source
+  c.finetune.labels = ()  # classify from JSONL: the label names (default: those in the file)
+  c.finetune.from_scratch = False  # same architecture and tokenizer, random weights
+  c.finetune.freeze = ""  # "" | "embeddings" | "layers:N" (and the embeddings) | "all_but_head"
+  c.finetune.head_learning_rate = 0.0  # 0: train.learning_rate
+  c.finetune.lora = ml_collections.ConfigDict(dict(
+      rank=0, alpha=16.0, dropout=0.0, targets=("q", "v")))  # rank 0: off
+  c.finetune.generate_max_new_tokens = 8  # sft: answers scored at the end
+  c.finetune.generate_examples = 300
 
   # The device mesh: sizes of the data, fsdp, tensor and expert axes (product = device
   # count; one may be -1, "the rest"), and the logical-axis -> mesh-axis rules.
@@ -103,6 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
+  c.eval.split = ""  # --mode=eval: one split, or "" for validation and test
   c.eval.max_batches = 0  # 0 = the whole split
   c.eval.fill_mask_examples = 5  # BERT report
   c.eval.samples = 3  # causal report: greedy continuations of test-split prompts
@@ -152,8 +172,16 @@ _BOUNDS = {
     "generate.batch_size": (1, None, False, False),
     "model.initializer_range": (0, None, True, False),
     "model.layer_norm_eps": (0, None, True, False), "model.rope_theta": (0, None, True, False),
+    "finetune.head_learning_rate": (0, None, False, False),
+    "finetune.lora.rank": (0, None, False, False), "finetune.lora.alpha": (0, None, True, False),
+    "finetune.lora.dropout": (0, 1, False, True),
+    "finetune.generate_max_new_tokens": (1, None, False, False),
+    "finetune.generate_examples": (0, None, False, False),
 }
-_CHOICES = {"train.nan_policy": ("stop", "skip"), "tokenizer.model_type": ("unigram", "bpe"),
+_CHOICES = {"train.nan_policy": ("stop", "skip"),
+            "finetune.dataset": ("", "genre", "who_speaks", "next_speaker"),
+            "eval.split": ("", "train", "validation", "test"),
+            "tokenizer.model_type": ("unigram", "bpe"),
             "data.clean.normalization": ("NFC", "NFKC", "NFD", "NFKD", "none")}
 
 
@@ -269,7 +297,8 @@ def pretrained_architectures(directory: str) -> list[str]:
   return list(archs)
 
 
-def pretrained_model_config(cfg, pretrained: ModelConfig) -> ModelConfig:
+def pretrained_model_config(cfg, pretrained: ModelConfig, *, strict: bool = True
+                            ) -> ModelConfig:
   """The ModelConfig to train under model.init_from: the checkpoint's, with only the
   RUNTIME_MODEL_KEYS taken from the config file.
 
@@ -286,8 +315,8 @@ def pretrained_model_config(cfg, pretrained: ModelConfig) -> ModelConfig:
   for key, value in mine.items():
     if key in ("init_from", *RUNTIME_KEYS) or value == default.get(key) or value == theirs.get(key):
       continue
-    if key in RUNTIME_MODEL_KEYS:
-      overrides[key] = value
+    if key in RUNTIME_MODEL_KEYS or (not strict and key in theirs and key != "architectures"):
+      overrides[key] = value  # not strict (fine-tuning): the weights must then fit
     else:
       raise ConfigError(
           f"model.{key}: the config sets {value!r}, but model.init_from="
@@ -310,10 +339,10 @@ def validate(cfg) -> ModelConfig:
   d, t = cfg.data, cfg.train
   if cfg.model.init_from:
     if cfg.tokenizer.path and (os.path.abspath(cfg.tokenizer.path)
-                               != os.path.abspath(cfg.model.init_from)):
+                               != os.path.abspath(resolve_dir(cfg.model.init_from))):
       raise ConfigError("tokenizer.path: with model.init_from the tokenizer comes from "
                         f"{cfg.model.init_from}; leave tokenizer.path empty")
-    archs = pretrained_architectures(cfg.model.init_from)
+    archs = pretrained_architectures(resolve_dir(cfg.model.init_from))
     # The class check only; the loaded config gets the full one (model.causal, lengths).
     task.check_model(ModelConfig(architectures=archs, causal=True),
                      f"model.init_from={cfg.model.init_from}")
@@ -353,7 +382,11 @@ def validate(cfg) -> ModelConfig:
   if e.samples < 0 or e.sample_prompt_tokens < 1 or e.sample_new_tokens < 1:
     raise ConfigError("eval.samples must be >= 0, eval.sample_prompt_tokens and "
                       "eval.sample_new_tokens >= 1")
+  if e.split not in ("", "train", "validation", "test"):
+    raise ConfigError(f"eval.split must be train, validation, test or '', got {e.split!r}")
   task.validate(cfg)
+  if getattr(task, "finetune", False):
+    finetune.check(cfg)
   return model
 
 

@@ -22,7 +22,8 @@ from jaxlm.errors import JaxlmError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints, metrics.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate", "finetune"],
+                          "What to run (finetune: train a fine-tuning objective).")
 _PROMPT = flags.DEFINE_string("prompt", None, "--mode=generate: one prompt.")
 _PROMPTS = flags.DEFINE_string("prompts_file", None, "--mode=generate: prompts, one a line "
                                "or JSONL with a \"prompt\" field.")
@@ -83,7 +84,8 @@ def main(argv):
     elif _MODE.value == "eval":
       loop.evaluate(cfg, _WORKDIR.value)
     else:
-      loop.train(cfg, _WORKDIR.value, fresh=_FRESH.value)
+      run = loop.finetune if _MODE.value == "finetune" else loop.train
+      run(cfg, _WORKDIR.value, fresh=_FRESH.value)
   except loop.Preempted as e:  # 128 + signal: the job did not finish; a requeue resumes it
     print(_one_line(e), file=sys.stderr)
     sys.exit(128 + int(e.signum))

@@ -67,6 +67,12 @@ def save_pretrained(model: nnx.Module, directory: str) -> str:
 base.PreTrainedModel.saver = staticmethod(save_pretrained)
 
 
+def resolve_dir(path: str) -> str:
+  """A jaxlm workdir's exported model (PATH/model), or PATH itself."""
+  inner = os.path.join(path, "model")
+  return inner if os.path.isfile(os.path.join(inner, "config.json")) else path
+
+
 def is_export(raw: dict) -> bool:
   """Whether a config.json dict is a jaxlm export (new marker, or the runtime keys that
   exports carried before it)."""

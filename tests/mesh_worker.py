@@ -51,7 +51,7 @@ def sharding_report(cfg, workdir: str) -> dict:
   mesh = make_mesh(cfg.mesh)
   with jax.set_mesh(mesh):
     _, model, _ = loop.setup(cfg, workdir, mesh)
-    _, params, _, _, opt_state, _ = loop.sharded_train_state(model, cfg, mesh)
+    _, params, _, _, _, opt_state, _ = loop.sharded_train_state(model, cfg, mesh)
   out = {}
   for kind, tree in (("param", params), ("moment", opt_state)):
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:

@@ -4,7 +4,8 @@ The train loop, the steps, the evaluator and the report know no objective by nam
 call the task that `train.objective` names. To add one, see tasks/base.py's docstring.
 """
 
-from jaxlm.tasks import causal, mlm, mlm_nsp, nsp, sop, span_corruption  # noqa: F401 (registers)
+from jaxlm.tasks import (  # noqa: F401 (registers)
+    causal, classify, extractive_qa, mlm, mlm_nsp, nsp, sft, sop, span_corruption, token_classify)
 from jaxlm.tasks.base import TASKS, Task, get, register
 
 __all__ = ["TASKS", "Task", "get", "register"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from jaxlm.data.corpus import Corpus
 from jaxlm.parallel import distributed
@@ -33,11 +35,11 @@ class Evaluator:
           seed=self.cfg.seed + 1, max_batches=self.cfg.eval.max_batches or None))
     return self._batches[split]
 
-  def _prepared(self, split: str) -> tuple[list, float]:
+  def _prepared(self, split: str) -> tuple[list, float, dict]:
     """(the split's batches on the mesh, the unigram model's NLL sum on their targets):
     both fixed for the run, so placed and summed once, not at every evaluation."""
     if split not in self._ready:
-      placed, uni_sum = [], 0.0
+      placed, uni_sum, baseline = [], 0.0, {}
       for batch in self.batches(split):
         on_device = batch
         if self.batch_sharding is not None:
@@ -45,16 +47,26 @@ class Evaluator:
           on_device = distributed.put_batch({k: v[first:first + n] for k, v in batch.items()},
                                             self.batch_sharding)
         placed.append(on_device)
-        labels, w = self.task.unigram_targets(batch)
-        w = w * batch["example_weight"][:, None]
-        uni_sum -= float((self.unigram_logp[labels] * w).sum())
-      self._ready[split] = (placed, uni_sum)
+        if self.unigram_logp is not None:
+          labels, w = self.task.unigram_targets(batch)
+          w = w * batch["example_weight"][:, None]
+          uni_sum -= float((self.unigram_logp[labels] * w).sum())
+        else:  # fine-tuning tasks: their own baseline, summed on the host once
+          for k, v in self.task.baseline_sums(self.corpus, batch).items():
+            baseline[k] = baseline.get(k, 0.0) + v
+      self._ready[split] = (placed, uni_sum, baseline)
     return self._ready[split]
 
   def __call__(self, params, split: str) -> dict[str, float]:
-    sums: dict[str, float] = {}
-    placed, uni_sum = self._prepared(split)
+    """The task's metrics on `split`. Batch statistics (scalars, or arrays such as a
+    confusion matrix) add up on the device; the host reads them once, at the end."""
+    placed, uni_sum, baseline = self._prepared(split)
+    total = None
     for on_device in placed:
-      for k, v in jax.device_get(self.eval_step(params, on_device)).items():
-        sums[k] = sums.get(k, 0.0) + float(v)
+      stats = self.eval_step(params, on_device)
+      total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    sums = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64))
+            for k, v in jax.device_get(total or {}).items()}
+    if getattr(self.task, "finetune", False):  # their metrics name classes, read records
+      return self.task.eval_metrics({**sums, **baseline}, uni_sum, data=self.corpus)
     return self.task.eval_metrics(sums, uni_sum)

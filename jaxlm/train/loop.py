@@ -27,8 +27,10 @@ from jaxlm.parallel import distributed
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.parallel.rules import (activation_sharding, create_sharded, like_params_shardings,
                                   logical_to_spec, shard_module, state_shardings)
-from jaxlm.pretrained import from_pretrained, save_pretrained
+from jaxlm.peft import lora
+from jaxlm.pretrained import from_pretrained, resolve_dir, save_pretrained
 from jaxlm.train import report as report_lib
+from jaxlm.train import finetune as finetuning
 from jaxlm.train.checkpoint import Checkpointer, move_aside
 from jaxlm.train.lock import LOCK_NAME, WorkdirLock
 from jaxlm.train.evaluator import Evaluator
@@ -64,11 +66,13 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 def load_pretrained(cfg) -> tuple[nnx.Module, Tokenizer]:
   """model.init_from: the checkpoint's model (architecture and weights) and tokenizer,
   running as the config says (experiment.runtime). Only experiment.RUNTIME_MODEL_KEYS
-  (dropout, compute dtype, ...) may differ from the checkpoint."""
-  directory = cfg.model.init_from
+  (dropout, compute dtype, ...) may differ from the checkpoint, except when
+  fine-tuning, where other keys reshape the model the weights are loaded into."""
+  directory = resolve_dir(cfg.model.init_from)
   runtime = experiment.runtime(cfg)
   loaded = from_pretrained(directory, runtime=runtime)
-  model_cfg = experiment.pretrained_model_config(cfg, loaded.config)
+  tuning = getattr(experiment.task_of(cfg), "finetune", False)
+  model_cfg = experiment.pretrained_model_config(cfg, loaded.config, strict=not tuning)
   tok = Tokenizer.load(directory)
   if tok.vocab_size > model_cfg.vocab_size:
     raise ConfigError(f"model.init_from: the tokenizer in {directory} has {tok.vocab_size} "
@@ -98,10 +102,16 @@ def setup(cfg, workdir: str, mesh=None):
   mesh = make_mesh(cfg.mesh) if mesh is None else mesh
   rules = cfg.mesh.rules
   tok_cfg, model = cfg.tokenizer, None
+  if getattr(task, "finetune", False):  # labeled data, and the task's head on the model
+    pretrained, _ = load_pretrained(cfg)
+    data = task.prepare_data(cfg, None, os.path.join(workdir, "data"), log)
+    model, _ = finetuning.build(cfg, task, data, pretrained, experiment.runtime(cfg),
+                              cfg.model.init_from, log if distributed.is_primary() else _quiet)
+    return data, shard_module(model, mesh, rules), task
   if cfg.model.init_from:
     model, _ = load_pretrained(cfg)
     tok_cfg = ml_collections.ConfigDict(cfg.tokenizer.to_dict())
-    tok_cfg.path = os.path.abspath(cfg.model.init_from)
+    tok_cfg.path = os.path.abspath(resolve_dir(cfg.model.init_from))
   data_dir = os.path.join(workdir, "data")
   primary, failed = distributed.is_primary(), None
   if primary:
@@ -127,6 +137,10 @@ def setup(cfg, workdir: str, mesh=None):
   else:
     model = shard_module(model, mesh, rules)
   return corpus, model, task
+
+
+def _quiet(_msg: str) -> None:
+  pass
 
 
 class Preempted(JaxlmError):
@@ -178,15 +192,29 @@ def train(cfg, workdir: str, *, fresh: bool = False) -> dict[str, Any]:
       lock.release()
 
 
+def finetune(cfg, workdir: str, *, fresh: bool = False) -> dict[str, Any]:
+  """--mode=finetune: `train` with a fine-tuning objective (tasks/finetune_base.py)."""
+  if not getattr(experiment.task_of(cfg), "finetune", False):
+    raise ConfigError(f"--mode=finetune: train.objective={cfg.train.objective!r} is not a "
+                      "fine-tuning task (classify, token_classify, extractive_qa, sft)")
+  return train(cfg, workdir, fresh=fresh)
+
+
 def sharded_train_state(model, cfg, mesh):
-  """(graphdef, params, tx, schedule, opt_state, (param, optimizer-state shardings)):
-  Adam moments take their parameter's sharding (FSDP shards them too)."""
-  graphdef, params = nnx.split(model, nnx.Param)
-  tx, schedule = make_optimizer(cfg.train)
+  """(graphdef, params, frozen, tx, schedule, opt_state, (param, optimizer-state
+  shardings)): Adam moments take their parameter's sharding (FSDP shards them too).
+  `frozen` is None unless fine-tuning trains part of the model (freezing, LoRA): then
+  `params` is that part, the only one with gradients and optimizer state."""
+  if getattr(experiment.task_of(cfg), "finetune", False):
+    graphdef, params, frozen = finetuning.split(model, finetuning.trainable(cfg, model))
+    tx, schedule = finetuning.make_optimizer(cfg.train, cfg.finetune, params)
+  else:
+    (graphdef, params), frozen = nnx.split(model, nnx.Param), None
+    tx, schedule = make_optimizer(cfg.train)
   p_sh = state_shardings(params, mesh, cfg.mesh.rules)
   o_sh = like_params_shardings(jax.eval_shape(tx.init, params), params, p_sh, mesh)
   opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
-  return graphdef, params, tx, schedule, opt_state, (p_sh, o_sh)
+  return graphdef, params, frozen, tx, schedule, opt_state, (p_sh, o_sh)
 
 
 class _Trainer:
@@ -202,7 +230,7 @@ class _Trainer:
     if self.primary:
       with open(os.path.join(workdir, "experiment.json"), "w", encoding="utf-8") as f:
         f.write(cfg.to_json(indent=2))
-    (self.graphdef, self.params, tx, self.schedule, self.opt_state,
+    (self.graphdef, self.params, self.frozen, tx, self.schedule, self.opt_state,
      (p_sh, o_sh)) = sharded_train_state(self.model, cfg, mesh)
     self.on_mesh = batch_sharding(cfg, mesh)
     # Multi-host: each process reads only the rows of every batch that its devices hold.
@@ -212,9 +240,13 @@ class _Trainer:
         process_index=self.split.part, process_count=self.split.parts)
     self.run_state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "best_val_loss": None,
                                       "bad_evals": 0, "stopped_early": False,
-                                      "train_seconds": 0.0}
+                                      "train_seconds": 0.0, "best_metric": None,
+                                      "best_step": None}
     self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                              max_to_keep=cfg.checkpoint.max_to_keep)
+    # train.keep_best: the parameters of the best evaluation so far (early-stopping metric).
+    self.best = (Checkpointer(os.path.join(workdir, "best"), max_to_keep=1)
+                 if self.t.keep_best else None)
     self._restore()
     self.writer = (MetricsWriter(workdir, resume_step=self.run_state["step"])
                    if self.primary else None)
@@ -234,7 +266,8 @@ class _Trainer:
   def _restore(self) -> None:
     found = self.ckpt.restore_latest((self.params, self.opt_state), log)
     if found is not None:
-      (self.params, self.opt_state), self.run_state, _ = found
+      (self.params, self.opt_state), restored, _ = found
+      self.run_state.update(restored)
       self.data_iter.set_state(self.run_state.pop("data_iter"))
       log(f"resuming from checkpoint at step {self.run_state['step']} in {self.workdir}")
 
@@ -310,21 +343,38 @@ class _Trainer:
             "the peak is off")
     return mfu
 
+  def eval_params(self):
+    """What the evaluator reads: the parameters, with the frozen part when there is one."""
+    return self.params if self.frozen is None else (self.params, self.frozen)
+
   def _evaluate(self, step: int) -> None:
-    """Validation metrics, and early stopping on the validation loss."""
+    """Validation metrics; early stopping and train.keep_best on the chosen metric
+    (train.early_stopping_metric: lower is better for loss and perplexity, higher for
+    the rest)."""
     run = self.run_state
-    val = self.evaluator(self.params, "validation")
+    val = self.evaluator(self.eval_params(), "validation")
+    scalars = _scalars(val)
     if self.writer:
-      self.writer.write(step, _prefixed("val", val))
-    log(f"step {step}: " + ", ".join(f"val_{k}={v:.4g}" for k, v in val.items()))
+      self.writer.write(step, _prefixed("val", scalars))
+    log(f"step {step}: " + ", ".join(f"val_{k}={v:.4g}" for k, v in scalars.items()))
     if run["best_val_loss"] is None or val["loss"] < run["best_val_loss"]:
-      run["best_val_loss"], run["bad_evals"] = val["loss"], 0
+      run["best_val_loss"] = val["loss"]
+    key = self.t.early_stopping_metric
+    if key not in scalars:
+      raise ConfigError(f"train.early_stopping_metric={key!r} is not a validation metric of "
+                        f"train.objective={self.t.objective!r}; have {sorted(scalars)}")
+    value, best = scalars[key], run.get("best_metric")
+    lower = key in ("loss", "perplexity") or key.endswith("_loss")
+    if best is None or (value < best if lower else value > best):
+      run["best_metric"], run["best_step"], run["bad_evals"] = value, step, 0
+      if self.best is not None:
+        self.best.save(step, (self.params, self.opt_state), {"step": step, key: value})
     else:
       run["bad_evals"] += 1
       patience = self.t.early_stopping_patience
       if patience and run["bad_evals"] >= patience:
         run["stopped_early"] = True
-        log(f"early stopping at step {step}: no val loss improvement in "
+        log(f"early stopping at step {step}: no val {key} improvement in "
             f"{run['bad_evals']} evaluations")
     # Evaluation is not training: its time leaves the interval (its tokens stay).
     self.interval = (time.time(), self.interval[1], step)
@@ -357,7 +407,8 @@ class _Trainer:
       if self.split.first_reader:  # replicas (processes fed the same rows) count them once
         self.local_tokens += int(batch["attention_mask"].sum())
       self.params, self.opt_state, m = self.train_step(
-          self.params, self.opt_state, distributed.put_batch(batch, self.on_mesh), step)
+          self.params, self.opt_state, distributed.put_batch(batch, self.on_mesh), step,
+          *(() if self.frozen is None else (self.frozen,)))
       step += 1
       if step == _KILL_AT_STEP:  # fault injection for the resume tests: die with no cleanup
         os.kill(os.getpid(), signal.SIGKILL)
@@ -382,6 +433,7 @@ class _Trainer:
     bar.close()
     if self.ckpt.latest_step() != step:
       self._save(step)
+    self._restore_best()
     self._close()
     self._export()
     rep = self._finish(time.time() - self.t_start)
@@ -390,8 +442,20 @@ class _Trainer:
 
   def _close(self) -> None:
     self.ckpt.close()
+    if self.best is not None:
+      self.best.close()
     if self.writer:
       self.writer.close()
+
+  def _restore_best(self) -> None:
+    """train.keep_best: the run ends with the best evaluation's parameters."""
+    if self.best is None:
+      return
+    found = self.best.restore_latest((self.params, self.opt_state), log)
+    if found is not None:
+      (self.params, _), _, step = found
+      log(f"train.keep_best: the model is the one of step {step} "
+          f"(val {self.t.early_stopping_metric} {self.run_state.get('best_metric'):.4g})")
 
   def _export(self) -> None:
     """The model object moves to the host (gathered from every process) and is saved
@@ -400,6 +464,10 @@ class _Trainer:
     if self.primary:
       out = os.path.join(self.workdir, "model")
       try:
+        if self.cfg.finetune.lora.rank:  # the adapters on their own, then merged for export
+          lora.save_adapters(self.model, os.path.join(self.workdir, "adapters"),
+                             finetuning.lora_config(self.cfg, self.model))
+          lora.merge_lora(self.model)
         save_pretrained(self.model, out)
         self.corpus.tokenizer.save(out)
       except OSError as e:
@@ -409,9 +477,11 @@ class _Trainer:
     """Final validation and test evaluation (every process); the task's samples and
     report.json (the primary process)."""
     run, corpus = self.run_state, self.corpus
-    val, test = self.evaluator(self.params, "validation"), self.evaluator(self.params, "test")
+    val = self.evaluator(self.eval_params(), "validation")
+    test = self.evaluator(self.eval_params(), "test")
     rep = {
-        "params": int(sum(x.size for x in jax.tree.leaves(self.params))),
+        "params": int(sum(x.size for x in jax.tree.leaves(nnx.state(self.model, nnx.Param)))),
+        "trained_params": int(sum(x.size for x in jax.tree.leaves(self.params))),
         "tokens_seen": int(run["tokens_seen"]),
         "steps": int(run["step"]),
         "stopped_early": bool(run["stopped_early"]),
@@ -424,21 +494,43 @@ class _Trainer:
     if not self.primary:
       return rep
     rep.update(self.task.samples(self.model, corpus, self.evaluator, self.cfg))
-    with open(os.path.join(self.workdir, "report.json"), "w", encoding="utf-8") as f:
-      json.dump(rep, f, indent=2)
+    if getattr(self.task, "finetune", False):  # eval.json: the test split's metrics
+      rep["best_step"] = run.get("best_step")
+      write_json(os.path.join(self.workdir, "eval.json"),
+                 {"split": "test", "step": int(run["step"]), "best_step": run.get("best_step"),
+                  **{k: v for k, v in rep.items() if k.startswith("test_")},
+                  **{k: rep[k] for k in ("samples_metrics",) if k in rep}})
+    write_json(os.path.join(self.workdir, "report.json"), rep)
     print(report_lib.format_report(rep, self.task))
     return rep
 
+def _scalars(metrics: dict) -> dict[str, float]:
+  """The numbers of a metrics dict (metrics.jsonl and the log lines take no tables)."""
+  return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def write_json(path: str, obj) -> None:
+  try:
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=2)
+  except OSError as e:
+    raise DataError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def evaluate(cfg, workdir: str) -> dict[str, Any]:
-  """--mode=eval: evaluate the latest checkpoint on validation and test."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  """--mode=eval: every metric of the task for the latest checkpoint (the best one under
+  train.keep_best) on eval.split (default: validation and test); writes eval.json."""
+  sub = "best" if cfg.train.keep_best and os.path.isdir(os.path.join(workdir, "best")) \
+      else "checkpoints"
+  if not os.path.isdir(os.path.join(workdir, sub)):
     raise ConfigError(f"--workdir {workdir}: no checkpoints to evaluate (train first)")
+  splits = (cfg.eval.split,) if cfg.eval.split else ("validation", "test")
   mesh = make_mesh(cfg.mesh)
   with jax.set_mesh(mesh), activation_sharding(mesh, cfg.mesh.rules):
     corpus, model, task = setup(cfg, workdir, mesh)
-    graphdef, params, _, _, opt_state, _ = sharded_train_state(model, cfg, mesh)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                        max_to_keep=cfg.checkpoint.max_to_keep, read_only=True)
+    graphdef, params, frozen, _, _, opt_state, _ = sharded_train_state(model, cfg, mesh)
+    ckpt = Checkpointer(os.path.join(workdir, sub), max_to_keep=cfg.checkpoint.max_to_keep,
+                        read_only=True)
     found = ckpt.restore_latest((params, opt_state), log)
     if found is None:
       raise ConfigError(f"--workdir {workdir}: no checkpoints to evaluate (train first)")
@@ -446,11 +538,11 @@ def evaluate(cfg, workdir: str) -> dict[str, Any]:
     ckpt.close()
     evaluator = Evaluator(corpus, cfg, graphdef, task, model.config.vocab_size,
                           batch_sharding=batch_sharding(cfg, mesh))
-    out = {"step": int(step), **_prefixed("val", evaluator(params, "validation")),
-           **_prefixed("test", evaluator(params, "test"))}
+    state = params if frozen is None else (params, frozen)
+    out: dict[str, Any] = {"step": int(step), "checkpoint": sub}
+    for split in splits:
+      out.update(_prefixed("val" if split == "validation" else split, evaluator(state, split)))
   if distributed.is_primary():
-    with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
-      json.dump(out, f, indent=2)
+    write_json(os.path.join(workdir, "eval.json"), out)
     print(json.dumps(out, indent=2))
   return out
-

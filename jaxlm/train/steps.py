@@ -15,13 +15,18 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxlm.peft import lora
 from jaxlm.tasks import Task
 from jaxlm.train.optim import SkipNonFinite
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, task: Task, *, seed: int,
                     dropout: bool, grad_accum_steps: int = 1, out_shardings=None):
-  """(params, opt_state, batch, step) -> (params, opt_state, metrics).
+  """(params, opt_state, batch, step[, frozen]) -> (params, opt_state, metrics).
+
+  `params` are the trained parameters; `frozen`, when given, the rest of the model's
+  state (fine-tuning with frozen layers or LoRA: jaxlm/train/finetune.py). Only `params`
+  get gradients and optimizer state.
 
   The loss is `task.loss(stats)` plus the MoE auxiliary losses, if any.
 
@@ -33,30 +38,32 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, task: Task, *, s
   """
   A = grad_accum_steps
 
-  def grads_of(params, batch, key, counts):
+  def grads_of(params, batch, key, counts, frozen):
     def loss_fn(p):
-      model = nnx.merge(graphdef, p)
-      stats = task.stats(model, batch, nnx.Rngs(dropout=key) if dropout else None)
+      model = merge(graphdef, p, frozen)
+      rngs = nnx.Rngs(dropout=key) if dropout else None
+      stats = task.stats(lora.lora_dropout(model, rngs), batch, rngs)
       scaled = {**stats, **counts}
       return task.loss(scaled) + stats.get("moe_loss", 0.0) / A, stats
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-  def train_step(params, opt_state, batch, step):
+  def train_step(params, opt_state, batch, step, frozen=None):
     key = jax.random.fold_in(jax.random.key(seed), step)
     if A == 1:
-      (loss, stats), grads = grads_of(params, batch, key, {})
+      (loss, stats), grads = grads_of(params, batch, key, {}, frozen)
     else:
       counts = task.counts(batch)
       micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)
 
       def body(carry, i):
         mb = jax.tree.map(lambda x: x[i], micro)
-        (loss_i, stats_i), grads_i = grads_of(params, mb, jax.random.fold_in(key, i), counts)
+        (loss_i, stats_i), grads_i = grads_of(params, mb, jax.random.fold_in(key, i), counts,
+                                              frozen)
         return jax.tree.map(jnp.add, carry, (loss_i, stats_i, grads_i)), None
 
       (loss0, stats0), grads0 = jax.eval_shape(
-          grads_of, params, jax.tree.map(lambda x: x[0], micro), key, counts)
+          grads_of, params, jax.tree.map(lambda x: x[0], micro), key, counts, frozen)
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (loss0, stats0, grads0))
       (loss, stats, grads), _ = jax.lax.scan(body, zeros, jnp.arange(A))
       stats = {k: v / A if k in task.mean_stats else v for k, v in stats.items()}
@@ -107,10 +114,20 @@ def _compiled_then_trimmed(jitted):
   return call
 
 
+def merge(graphdef, params, frozen=None):
+  """The model from its graphdef and state (the trained part, and the frozen one). A
+  three-way split needs copy=True under nnx.remat (google/flax#5050)."""
+  if frozen is None:
+    return nnx.merge(graphdef, params)
+  return nnx.merge(graphdef, params, frozen, copy=True)
+
+
 def make_eval_step(graphdef, task: Task):
   @jax.jit
   def eval_step(params, batch):
-    stats = task.stats(nnx.merge(graphdef, params), batch)
+    """`params`: the model's whole state, or a (trained, frozen) pair."""
+    stats = task.stats(merge(graphdef, *params) if isinstance(params, tuple)
+                       else merge(graphdef, params), batch)
     return {k: v for k, v in stats.items() if k != "expert_fraction"}  # sums only
 
   return eval_step
