@@ -15,21 +15,14 @@ from jaxlm import experiment
 
 def get_config(arg=None):
   c = experiment.base_config()
+  experiment.finetune_run(c, objective="sft", dataset="next_speaker", steps=800,
+                          learning_rate=5e-4, metric="loss", eval_every=200)
   c.model.init_from = "runs/gpt_mini"
-  c.model.update(dtype="bfloat16")
-  c.train.objective = "sft"
-  c.finetune.dataset = "next_speaker"
-  c.data.max_seq_len = 128
-  c.train.update(steps=800, batch_size=32, learning_rate=5e-4, warmup_steps=50,
-                 eval_every=200, log_every=50, keep_best=True)
   c.eval.update(batch_size=64, max_batches=10)
-  c.checkpoint.every = 200
   c.finetune.generate_examples = 400
   if arg == "tiny":
-    c.train.update(steps=6, batch_size=8, warmup_steps=1, eval_every=3, log_every=3)
-    c.eval.update(batch_size=16, max_batches=2)
-    c.checkpoint.every = 3
-    c.finetune.generate_examples = 8
+    experiment.finetune_tiny(c)
+    c.eval.batch_size = 16
   elif arg:
     raise ValueError(f"unknown variant {arg!r}; use :tiny")
   return c

@@ -475,3 +475,29 @@ def tiny_run(c) -> ml_collections.ConfigDict:
                 sample_new_tokens=16)
   c.checkpoint.every = 40
   return c
+
+
+def finetune_run(c, *, objective: str, dataset: str, steps: int, learning_rate: float,
+                 metric: str, eval_every: int) -> ml_collections.ConfigDict:
+  """The fine-tuning configs' recipe: from the main job's export (runs/default), bf16
+  matmuls, 128-token rows of 32, linear decay, early stopping and keep_best on `metric`."""
+  c.model.init_from = "runs/default"
+  c.model.update(dtype="bfloat16")
+  c.train.objective = objective
+  c.finetune.dataset = dataset
+  c.data.max_seq_len = 128
+  c.train.update(steps=steps, batch_size=32, learning_rate=learning_rate,
+                 warmup_steps=steps // 10, decay="linear", eval_every=eval_every, log_every=50,
+                 early_stopping_metric=metric, keep_best=True)
+  c.eval.batch_size = 128
+  c.checkpoint.every = eval_every
+  return c
+
+
+def finetune_tiny(c) -> ml_collections.ConfigDict:
+  """The fine-tuning configs' `:tiny` run: a few steps, two small eval batches."""
+  c.train.update(steps=6, batch_size=8, warmup_steps=1, eval_every=3, log_every=3)
+  c.eval.update(batch_size=32, max_batches=2)
+  c.checkpoint.every = 3
+  c.finetune.generate_examples = 8
+  return c

@@ -2,6 +2,7 @@
 real SIGTERM, a loss that stops being finite, a corrupted newest checkpoint, a full disk,
 fuzzed configs and broken Hugging Face directories."""
 
+import ast
 import errno
 import json
 import os
@@ -19,6 +20,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import jaxlm
+from configs import default
 from conftest import REPO, fixture, fresh_workdir
 from jaxlm import experiment
 from jaxlm.errors import JaxlmError
@@ -280,7 +282,7 @@ def test_fuzzed_configs_are_one_line_errors_before_anything_is_written(tmp_path)
   print(f"{len(cases)} fuzzed configs refused")
 
 
-@pytest.mark.parametrize("override,needle", [
+NAMED = [
     ("--config.train.steps=0", "train.steps must be positive"),
     ("--config.train.learning_rate=-1.0", "train.learning_rate must be in (0"),
     ("--config.data.split=(0.5,0.2,0.2)", "data.split must be three positive fractions"),
@@ -290,8 +292,30 @@ def test_fuzzed_configs_are_one_line_errors_before_anything_is_written(tmp_path)
     ("--config.mesh.data=3", "mesh"),
     ("--config.checkpoint.every=0", "checkpoint.every"),
     ("--config.model.num_attention_heads=0", "num_attention_heads"),
-])
-def test_named_bad_configs_exit_2_from_the_cli(tmp_path, override, needle):
+]
+
+
+@pytest.mark.parametrize("override,needle", NAMED)
+def test_named_bad_configs_are_one_line_errors(tmp_path, override, needle):
+  """Each through the same override parser the CLI uses (in process: the CLI path itself,
+  exit status 2 and stderr, is checked below on two of them)."""
+  key, value = override[len("--config."):].split("=", 1)
+  cfg = default.get_config("tiny")
+  *path, leaf = key.split(".")
+  section = cfg
+  for p in path:
+    section = section[p]
+  old = section[leaf]
+  section[leaf] = type(old)(ast.literal_eval(value)) if not isinstance(old, str) else value
+  wd = tmp_path / "wd"
+  with pytest.raises(JaxlmError) as e:
+    loop.train(cfg, str(wd))
+  assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+  assert not wd.exists()
+
+
+@pytest.mark.parametrize("override,needle", [NAMED[0], NAMED[6]])
+def test_bad_configs_exit_2_from_the_cli(tmp_path, override, needle):
   wd = tmp_path / "wd"
   r = run_main(wd, override, timeout=120)
   assert r.returncode == 2
@@ -348,6 +372,8 @@ def test_broken_hugging_face_directories(tmp_path, kind):
     else:
       jaxlm.from_pretrained(str(d))
   assert "\n" not in str(e.value) and HF_CASES[kind] in str(e.value), str(e.value)
+  if kind not in ("truncated", "not_json"):  # the CLI's exit status: two cases suffice
+    return
   gen = f"--config={REPO / 'configs/generate.py'}"
   r = subprocess.run([sys.executable, "-m", "jaxlm.main", gen, "--mode=generate",
                       f"--config.model.init_from={d}", "--prompt=hello"], cwd=REPO,

@@ -252,6 +252,11 @@ def test_finetune_classify_then_eval_mode(tmp_path, bert_export, capsys):
   assert set(ev["test_per_class"]) == set(rep["labels"])
   out = loop.evaluate(_cfg(finetune_genre, "tiny", d, eval={"split": "test"}), str(wd))
   assert out["test_accuracy"] == pytest.approx(ev["test_accuracy"])  # the kept best model
+  assert out["test_scene_accuracy"] == pytest.approx(rep["test_scene_accuracy"])
+  # The best model, exported in Hugging Face format (absolute positions: expressible).
+  hf = json.loads((wd / "model" / "config.json").read_text())
+  assert hf["architectures"] == ["BertForSequenceClassification"]
+  assert hf["id2label"] == {str(i): n for i, n in enumerate(rep["labels"])}
 
 
 def test_finetune_lora_exports_merged_and_saves_adapters(tmp_path, bert_export):

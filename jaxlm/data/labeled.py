@@ -168,16 +168,13 @@ def genre_records(scenes: list[Scene], tok: Tokenizer, window: int) -> list[dict
   return out
 
 
-def who_speaks_records(scenes: list[Scene], tok: Tokenizer, budget: int, seed: int,
-                       questions: int = 3) -> list[dict]:
+def who_speaks_records(scenes: list[Scene], tok: Tokenizer, budget: int,
+                       seed: int) -> list[dict]:
   """Extractive QA: context "NAME: speech NAME: speech ..." (consecutive turns of one
   scene, as many as fit `budget` tokens with the question), question = one line of one
   of those turns that occurs once in the context; the answer is the token span of that
-  turn's speaker name. Stretches start every half stretch, and each gets up to
-  `questions` questions about lines of different turns: one context with several answers
-  teaches the model to read the question rather than memorize who talks most. Token ids
-  are built piece by piece (WordPiece and SentencePiece split at spaces), so the answer's
-  token positions are exact."""
+  turn's speaker name. Token ids are built piece by piece (WordPiece and SentencePiece
+  split at spaces), so the answer's token positions are exact."""
   out = []
   rng = np.random.default_rng(seed)
   for s in scenes:
@@ -195,28 +192,27 @@ def who_speaks_records(scenes: list[Scene], tok: Tokenizer, budget: int, seed: i
         ctx += piece
         j += 1
       if j - i >= 2 and len(set(names)) >= 2:
-        for rec in _quotes(turns[i:j], names, spans, ctx, tok, budget, rng, questions):
+        rec = _quote(turns[i:j], names, spans, ctx, tok, budget, rng)
+        if rec is not None:
           out.append({**rec, "play": s.play})
-      i = max(i + (j - i) // 2, i + 1)
+      i = max(j, i + 1)
   return out
 
 
-def _quotes(turns, names, spans, ctx, tok, budget, rng, questions: int) -> list[dict]:
+def _quote(turns, names, spans, ctx, tok, budget, rng) -> dict | None:
   counts = collections.Counter(names)
   top = max(counts.values())
   baseline = next(n for n in names if counts[n] == top)  # ties: the first to speak
-  joined = " ".join(x.text for x in turns)
-  out = []
-  for k in rng.permutation(len(turns))[:questions]:
-    lines = [line for line in turns[k].lines
-             if len(line.split()) >= 4 and joined.count(line) == 1]
-    if not lines:
-      continue
-    q = tok.encode(f'Who says "{lines[int(rng.integers(len(lines)))]}"?')
-    if len(q) + len(ctx) + 3 <= budget:
-      out.append({"question": q, "context": ctx, "answer_span": spans[k],
-                  "answer": names[k], "speakers": names, "baseline": baseline})
-  return out
+  lines = [(k, line) for k, t in enumerate(turns) for line in t.lines
+           if len(line.split()) >= 4 and " ".join(x.text for x in turns).count(line) == 1]
+  if not lines:
+    return None
+  k, line = lines[int(rng.integers(len(lines)))]
+  q = tok.encode(f'Who says "{line}"?')
+  if len(q) + len(ctx) + 3 > budget:
+    return None
+  return {"question": q, "context": ctx, "answer_span": spans[k], "answer": names[k],
+          "speakers": names, "baseline": baseline}
 
 
 def next_speaker_records(scenes: list[Scene], history: int = 3) -> list[dict]:

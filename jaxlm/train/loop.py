@@ -542,6 +542,11 @@ def evaluate(cfg, workdir: str) -> dict[str, Any]:
     out: dict[str, Any] = {"step": int(step), "checkpoint": sub}
     for split in splits:
       out.update(_prefixed("val" if split == "validation" else split, evaluator(state, split)))
+    if getattr(task, "finetune", False) and "test" in splits and distributed.is_primary():
+      # What the task scores beyond the batch statistics (decoded answers, whole scenes).
+      nnx.update(model, distributed.fully_replicated_host(params))
+      out.update({k: v for k, v in task.samples(model, corpus, evaluator, cfg).items()
+                  if k.startswith("test_")})
   if distributed.is_primary():
     write_json(os.path.join(workdir, "eval.json"), out)
     print(json.dumps(out, indent=2))
