@@ -28,7 +28,7 @@ def get_config(arg=None):
   if "lora" in variants:  # only the adapters and the head train
     c.finetune.lora.update(rank=8, alpha=16.0, targets=("q", "v"))
     c.finetune.freeze = ""
-    c.train.learning_rate = 1e-3
+    c.train.update(learning_rate=3e-3, steps=1200)  # best validation accuracy of those tried
   if "scratch" in variants:  # random embeddings must train
     c.finetune.from_scratch = True
     c.finetune.freeze = ""

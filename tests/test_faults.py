@@ -99,7 +99,9 @@ def test_sigterm_saves_and_the_rerun_matches_an_uninterrupted_run(tmp_path, tiny
   args = ["--config.train.steps=30", "--config.checkpoint.every=10",
           "--config.model.hidden_dropout_prob=0.1", "--config.train.log_every=1"]
   a = fresh_workdir(tmp_path, tiny_corpus, "uninterrupted")
-  assert run_main(a, *args).returncode == 0
+  log = open(tmp_path / "reference.log", "w")  # a file: a pipe nobody reads could fill up
+  reference = subprocess.Popen([sys.executable, "-m", "jaxlm.main", TINY, f"--workdir={a}", *args],
+                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)  # alongside b
   b = fresh_workdir(tmp_path, tiny_corpus, "preempted")
   at = random.Random(os.getpid()).randint(4, 24)
   proc = popen(b, *args)
@@ -114,6 +116,9 @@ def test_sigterm_saves_and_the_rerun_matches_an_uninterrupted_run(tmp_path, tiny
   r = run_main(b, *args)
   assert r.returncode == 0, r.stderr[-2000:]
   assert f"resuming from checkpoint at step {saved}" in r.stderr
+  reference.wait(timeout=600)
+  log.close()
+  assert reference.returncode == 0, (tmp_path / "reference.log").read_text()[-2000:]
   wa = load_file(str(a / "model/model.safetensors"))
   wb = load_file(str(b / "model/model.safetensors"))
   for k in wa:
@@ -156,11 +161,22 @@ def test_skip_policy_counts_skipped_steps(tmp_path, tiny_corpus):
 
 
 # ---- checkpoint fallback --------------------------------------------------------------------
-def test_a_garbled_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_corpus):
-  wd = fresh_workdir(tmp_path, tiny_corpus)
-  args = ["--config.train.steps=20", "--config.checkpoint.every=10",
+TWENTY = ["--config.train.steps=20", "--config.checkpoint.every=10",
           "--config.checkpoint.max_to_keep=3"]
-  assert run_main(wd, *args).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def twenty_steps(tmp_path_factory, tiny_corpus):
+  """A finished 20-step run with checkpoints at 10 and 20 (each test works on a copy)."""
+  wd = fresh_workdir(tmp_path_factory.mktemp("twenty"), tiny_corpus)
+  r = run_main(wd, *TWENTY)
+  assert r.returncode == 0, r.stderr[-2000:]
+  return wd
+
+
+def test_a_garbled_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, twenty_steps):
+  wd = tmp_path / "run"
+  shutil.copytree(twenty_steps, wd)
   newest = wd / "checkpoints" / "20"
   biggest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
   biggest.write_bytes(os.urandom(biggest.stat().st_size))
@@ -173,17 +189,17 @@ def test_a_garbled_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ti
   assert json.loads((wd / "report.json").read_text())["steps"] == 30
 
 
-def test_no_restorable_checkpoint_is_an_error_and_fresh_moves_them_aside(tmp_path, tiny_corpus):
-  wd = fresh_workdir(tmp_path, tiny_corpus)
-  args = ["--config.train.steps=10", "--config.checkpoint.every=10"]
-  assert run_main(wd, *args).returncode == 0
+def test_no_restorable_checkpoint_is_an_error_and_fresh_moves_them_aside(tmp_path, twenty_steps):
+  wd = tmp_path / "run"
+  shutil.copytree(twenty_steps, wd)
   for p in (wd / "checkpoints").rglob("*"):
     if p.is_file() and p.stat().st_size > 100:
       p.write_bytes(b"\0" * 64)
-  r = run_main(wd, *args)
+  r = run_main(wd, *TWENTY)
   assert r.returncode == 2 and "no checkpoint in" in final_error_line(r)
+  assert "checkpoint at step 20 cannot be restored" in r.stderr
   assert "checkpoint at step 10 cannot be restored" in r.stderr
-  r = run_main(wd, *args, "--fresh")
+  r = run_main(wd, *TWENTY, "--fresh")
   assert r.returncode == 0, r.stderr[-2000:]
   assert [p for p in os.listdir(wd) if p.startswith("checkpoints.stale-")]
 

@@ -346,7 +346,7 @@ def test_lora_target_matching_nothing_lists_the_modules(bert_export):
     ({"train": {"objective": "classify"}, "model": {"init_from": ""}}, "set model.init_from"),
     ({"finetune": {"lora": ml_collections.ConfigDict(dict(rank=-1, alpha=16.0, dropout=0.0,
                                                          targets=("q",)))}},
-     "lora.rank must be a positive integer"),
+     r"finetune.lora.rank must be in \[0"),
 ])
 def test_bad_finetune_configs_are_one_line_errors(bert_export, override, needle):
   d, _ = bert_export
