@@ -80,7 +80,8 @@ def test_a_second_run_is_refused_and_a_killed_holder_does_not_block(tmp_path, ti
   wait_for_step(wd, 15, first)
   t0 = time.time()
   second = run_main(wd, *args, timeout=60)
-  assert time.time() - t0 < 10 + 8  # refused at once (jax import included)
+  elapsed = time.time() - t0
+  assert elapsed < 10, elapsed  # refused at once (process start and imports included)
   assert second.returncode == 2
   line = one_error_line(second)
   assert f"pid {first.pid} on" in line and "in use by another run" in line, line
@@ -388,8 +389,6 @@ def test_broken_hugging_face_directories(tmp_path, kind):
     else:
       jaxlm.from_pretrained(str(d))
   assert "\n" not in str(e.value) and HF_CASES[kind] in str(e.value), str(e.value)
-  if kind not in ("truncated", "not_json"):  # the CLI's exit status: two cases suffice
-    return
   gen = f"--config={REPO / 'configs/generate.py'}"
   r = subprocess.run([sys.executable, "-m", "jaxlm.main", gen, "--mode=generate",
                       f"--config.model.init_from={d}", "--prompt=hello"], cwd=REPO,
