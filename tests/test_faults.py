@@ -52,7 +52,7 @@ def wait_for_step(workdir, step, proc, timeout=300):
     if any(r.get("step", 0) >= step for r in rows(workdir)):
       return
     assert proc.poll() is None, proc.communicate()[1][-2000:]
-    time.sleep(0.2)
+    time.sleep(0.05)
   raise AssertionError(f"step {step} never logged")
 
 
@@ -97,8 +97,11 @@ def test_a_second_run_is_refused_and_a_killed_holder_does_not_block(tmp_path, ti
 # ---- preemption ------------------------------------------------------------------------------
 def test_sigterm_saves_and_the_rerun_matches_an_uninterrupted_run(tmp_path, tiny_corpus):
   # Dropout on: the resumed run must also reproduce the dropout masks.
-  args = ["--config.train.steps=30", "--config.checkpoint.every=10",
-          "--config.model.hidden_dropout_prob=0.1", "--config.train.log_every=1"]
+  # 200 steps, the signal at step 4-24: a tiny step takes milliseconds, so a run much
+  # shorter than that can finish its loop before the signal lands, and then rightly exits 0.
+  args = ["--config.train.steps=200", "--config.checkpoint.every=10",
+          "--config.model.hidden_dropout_prob=0.1", "--config.train.log_every=1",
+          "--config.train.eval_every=100"]
   a = fresh_workdir(tmp_path, tiny_corpus, "uninterrupted")
   log = open(tmp_path / "reference.log", "w")  # a file: a pipe nobody reads could fill up
   reference = subprocess.Popen([sys.executable, "-m", "jaxlm.main", TINY, f"--workdir={a}", *args],
