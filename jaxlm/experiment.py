@@ -385,7 +385,7 @@ def validate(cfg) -> ModelConfig:
   if e.split not in ("", "train", "validation", "test"):
     raise ConfigError(f"eval.split must be train, validation, test or '', got {e.split!r}")
   task.validate(cfg)
-  if getattr(task, "finetune", False):
+  if task.finetune:
     finetune.check(cfg)
   return model
 

@@ -23,6 +23,8 @@ Conventions:
 
 from __future__ import annotations
 
+import abc
+
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -56,7 +58,7 @@ def _div(num: float, den: float) -> float:
   return float(num / den) if den != 0 else 0.0
 
 
-class Metric:
+class Metric(abc.ABC):
   """Shared behaviour; subclasses are `flax.struct.dataclass`es whose fields are sums."""
 
   def merge(self, other: Metric) -> Metric:
@@ -70,8 +72,9 @@ class Metric:
     # `+`, not jnp.add, so host (float64 numpy) metrics stay float64.
     return jax.tree.map(lambda a, b: a + b, self, other)
 
+  @abc.abstractmethod
   def compute(self) -> dict[str, Any]:
-    raise NotImplementedError
+    """The metric's values on the host, from its sums."""
 
 
 @flax.struct.dataclass

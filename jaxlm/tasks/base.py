@@ -60,6 +60,9 @@ class Task(abc.ABC):
   # check_model's default test.
   architectures: ClassVar[tuple[str, ...]] = ()
   model_kind: ClassVar[str] = "a model"
+  # Fine-tuning tasks (tasks/finetune_base.py) start from model.init_from and read labeled
+  # data; the loop and evaluator branch on this flag, never on a task's name.
+  finetune: ClassVar[bool] = False
   # Keys of `stats` that are per-microbatch means (averaged over microbatches under
   # gradient accumulation) rather than sums.
   mean_stats: ClassVar[tuple[str, ...]] = ("moe_loss", "router_aux_loss", "router_z_loss",

@@ -67,6 +67,6 @@ class Evaluator:
       total = stats if total is None else jax.tree.map(jnp.add, total, stats)
     sums = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64))
             for k, v in jax.device_get(total or {}).items()}
-    if getattr(self.task, "finetune", False):  # their metrics name classes, read records
+    if self.task.finetune:  # their metrics name classes, read records
       return self.task.eval_metrics({**sums, **baseline}, uni_sum, data=self.corpus)
     return self.task.eval_metrics(sums, uni_sum)

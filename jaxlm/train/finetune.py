@@ -55,22 +55,23 @@ def lora_config(cfg, model: nnx.Module | None = None) -> lora.LoRAConfig:
 
 def head_names(model: nnx.Module) -> tuple[str, ...]:
   """The top-level modules outside the pretrained body: the head."""
-  body, _ = _body_and_head(model)
+  body = _body(model)
   return tuple(sorted({path_name(p).split(".")[0]
                        for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))} - {body}))
 
 
-def _body_and_head(model) -> tuple[str, str]:
+def _body(model) -> str:
+  """The attribute holding the pretrained body."""
   for name in BODY:
     if hasattr(model, name):
-      return name, ""
+      return name
   raise ConfigError(f"{type(model).__name__} has no pretrained body ({' or '.join(BODY)})")
 
 
 def load_body(model: nnx.Module, pretrained: nnx.Module, source: str, log=print) -> dict:
   """Copies `pretrained`'s parameters into `model` by name (a bare base model's names get
   the body prefix); returns the missing and unexpected names, logged once."""
-  body, _ = _body_and_head(model)
+  body = _body(model)
   theirs = {path_name(p): v for p, v in nnx.to_flat_state(nnx.state(pretrained, nnx.Param))}
   mine = {path_name(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   if not any(n.startswith(body + ".") for n in theirs):  # a bare BertModel / Decoder
@@ -109,7 +110,7 @@ def build(cfg, task, data, pretrained: nnx.Module, runtime: Runtime, source: str
 def trainable(cfg, model: nnx.Module):
   """The nnx filter of the parameters that train, or None for all of them."""
   f = cfg.finetune
-  body, _ = _body_and_head(model)
+  body = _body(model)
   if f.lora.rank:
     return lora.trainable_filter(head_names(model), model=model)
   if not f.freeze:

@@ -71,7 +71,7 @@ def load_pretrained(cfg) -> tuple[nnx.Module, Tokenizer]:
   directory = resolve_dir(cfg.model.init_from)
   runtime = experiment.runtime(cfg)
   loaded = from_pretrained(directory, runtime=runtime)
-  tuning = getattr(experiment.task_of(cfg), "finetune", False)
+  tuning = experiment.task_of(cfg).finetune
   model_cfg = experiment.pretrained_model_config(cfg, loaded.config, strict=not tuning)
   tok = Tokenizer.load(directory)
   if tok.vocab_size > model_cfg.vocab_size:
@@ -102,7 +102,7 @@ def setup(cfg, workdir: str, mesh=None):
   mesh = make_mesh(cfg.mesh) if mesh is None else mesh
   rules = cfg.mesh.rules
   tok_cfg, model = cfg.tokenizer, None
-  if getattr(task, "finetune", False):  # labeled data, and the task's head on the model
+  if task.finetune:  # labeled data, and the task's head on the model
     pretrained, _ = load_pretrained(cfg)
     data = task.prepare_data(cfg, None, os.path.join(workdir, "data"), log)
     model, _ = finetuning.build(cfg, task, data, pretrained, experiment.runtime(cfg),
@@ -194,7 +194,7 @@ def train(cfg, workdir: str, *, fresh: bool = False) -> dict[str, Any]:
 
 def finetune(cfg, workdir: str, *, fresh: bool = False) -> dict[str, Any]:
   """--mode=finetune: `train` with a fine-tuning objective (tasks/finetune_base.py)."""
-  if not getattr(experiment.task_of(cfg), "finetune", False):
+  if not experiment.task_of(cfg).finetune:
     raise ConfigError(f"--mode=finetune: train.objective={cfg.train.objective!r} is not a "
                       "fine-tuning task (classify, token_classify, extractive_qa, sft)")
   return train(cfg, workdir, fresh=fresh)
@@ -205,7 +205,7 @@ def sharded_train_state(model, cfg, mesh):
   shardings)): Adam moments take their parameter's sharding (FSDP shards them too).
   `frozen` is None unless fine-tuning trains part of the model (freezing, LoRA): then
   `params` is that part, the only one with gradients and optimizer state."""
-  if getattr(experiment.task_of(cfg), "finetune", False):
+  if experiment.task_of(cfg).finetune:
     graphdef, params, frozen = finetuning.split(model, finetuning.trainable(cfg, model))
     tx, schedule = finetuning.make_optimizer(cfg.train, cfg.finetune, params)
   else:
@@ -494,7 +494,7 @@ class _Trainer:
     if not self.primary:
       return rep
     rep.update(self.task.samples(self.model, corpus, self.evaluator, self.cfg))
-    if getattr(self.task, "finetune", False):  # eval.json: the test split's metrics
+    if self.task.finetune:  # eval.json: the test split's metrics
       rep["best_step"] = run.get("best_step")
       write_json(os.path.join(self.workdir, "eval.json"),
                  {"split": "test", "step": int(run["step"]), "best_step": run.get("best_step"),
@@ -542,7 +542,7 @@ def evaluate(cfg, workdir: str) -> dict[str, Any]:
     out: dict[str, Any] = {"step": int(step), "checkpoint": sub}
     for split in splits:
       out.update(_prefixed("val" if split == "validation" else split, evaluator(state, split)))
-    if getattr(task, "finetune", False) and "test" in splits and distributed.is_primary():
+    if task.finetune and "test" in splits and distributed.is_primary():
       # What the task scores beyond the batch statistics (decoded answers, whole scenes).
       nnx.update(model, distributed.fully_replicated_host(params))
       out.update({k: v for k, v in task.samples(model, corpus, evaluator, cfg).items()
