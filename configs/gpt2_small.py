@@ -6,7 +6,8 @@ gelu_new, tied LM head) pretrained as a causal LM on the embedded corpus.
 The vocabulary is a WordPiece trained on the corpus (the model's vocab_size follows it),
 so the shape is GPT-2's except for the embedding rows. `configs/gpt2_small.py:tiny`
 shrinks the model and the run to seconds; `:mini` is a 4-layer, 128-wide decoder
-trained for ~5 minutes (the start of configs/finetune_next_speaker.py); `:bench` is the GPT shape of
+trained for ~5 minutes (the start of configs/finetune_next_speaker.py); `:medium` a
+6-layer, 384-wide one (the speculative-decoding target of benchmarks/compress_spec.py); `:bench` is the GPT shape of
 benchmarks/train_throughput.py (d 256, 4 layers, seq 256, batch 8). To continue from a checkpoint instead
 (architecture and tokenizer then come from DIR):
 
@@ -34,20 +35,31 @@ def get_config(arg=None):
                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     experiment.tiny_run(c)
   elif arg == "mini":  # ~5 min on 2 CPU cores; the decoder configs/finetune_next_speaker.py tunes
-    c.model.update(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                   intermediate_size=512, max_position_embeddings=128,
-                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    c.tokenizer.vocab_size = 4096
-    c.data.max_seq_len = 128
-    c.train.update(steps=2000, batch_size=32, learning_rate=2e-3, warmup_steps=100,
-                   eval_every=500, log_every=50)
-    c.eval.update(batch_size=64, max_batches=10)
-    c.checkpoint.every = 500
+    _small_run(c, width=128, layers=4, heads=4, max_positions=128, steps=2000, batch_size=32,
+               learning_rate=2e-3, every=500)
+  elif arg == "medium":  # ~10 min here: the target of benchmarks/compress_spec.py (a decode
+    # step costs ~9x the 2-layer draft's, so speculation can pay; at :mini it cannot)
+    _small_run(c, width=384, layers=6, heads=6, max_positions=256, steps=600, batch_size=16,
+               learning_rate=1e-3, every=300)
   elif arg == "bench":
     experiment.bench_run(c, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                          intermediate_size=1024, max_seq_len=256, batch_size=8,
                          dtype="float32")
   elif arg:
-    raise ValueError(f"unknown variant {arg!r}; use configs/gpt2_small.py, :tiny, :mini or "
-                     ":bench")
+    raise ValueError(f"unknown variant {arg!r}; use configs/gpt2_small.py, :tiny, :mini, "
+                     ":medium or :bench")
   return c
+
+
+def _small_run(c, *, width, layers, heads, max_positions, steps, batch_size, learning_rate,
+               every):
+  """A smaller GPT-2 (4x MLP, no dropout) on a 4,096-token vocabulary, 128-token rows."""
+  c.model.update(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                 intermediate_size=4 * width, max_position_embeddings=max_positions,
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  c.tokenizer.vocab_size = 4096
+  c.data.max_seq_len = 128
+  c.train.update(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                 warmup_steps=min(100, steps // 10), eval_every=every, log_every=50)
+  c.eval.update(batch_size=64, max_batches=10)
+  c.checkpoint.every = every

@@ -9,7 +9,8 @@ training run writes). Nothing in the workdir is written or locked.
                          of generate.batch_size and writes JSONL to --output (or stdout)
 
 Sampling comes from the config's `generate` section (generate.max_new_tokens,
-generate.temperature, generate.top_k, ...).
+generate.temperature, generate.top_k, ...); generate.quantize=int8|int4|bf16 quantizes
+the weights after loading (generate.quantize_group_size for int4; jaxlm.quantize).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from tqdm import tqdm
 from jaxlm import experiment
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.errors import ConfigError, DataError
-from jaxlm.generate.decode import check_model, generate, stream
+from jaxlm.generate.decode import generate, stream
+from jaxlm.generate.request import check_model
 from jaxlm.pretrained import from_pretrained
 
 
@@ -67,6 +69,14 @@ def load(cfg, workdir: str):
                       "first, or set --config.model.init_from=DIR")
   model = from_pretrained(directory, runtime=experiment.runtime(cfg))
   check_model(model)
+  g = cfg.generate
+  if g.quantize:
+    from jaxlm.compress.quantize import quantize  # only when asked
+    try:
+      model = quantize(model, g.quantize, g.quantize_group_size)
+    except ConfigError as e:
+      raise ConfigError(f"generate.quantize={g.quantize!r} "
+                        f"(generate.quantize_group_size={g.quantize_group_size}): {e}") from None
   names = os.listdir(directory)
   if not any(n in ("tokenizer.json", "vocab.txt") or n.endswith(".model") for n in names):
     raise DataError(f"--mode=generate: no tokenizer in {directory} (tokenizer.json, "

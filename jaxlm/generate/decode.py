@@ -25,25 +25,9 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.errors import ConfigError
+from jaxlm.generate.request import _seq2seq, prepare
 from jaxlm.generate.sampling import Sampling, choose
-
-BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-
-
-def bucket(n: int) -> int:
-  """The padded prompt length for an n-token prompt."""
-  return next((b for b in BUCKETS if b >= n), -(-n // 1024) * 1024)
-
-
-def _seq2seq(model) -> bool:
-  return hasattr(model, "encode") and hasattr(model, "decode")
-
-
-def check_model(model) -> None:
-  if not hasattr(model, "init_cache"):
-    raise ConfigError(f"{type(model).__name__} has no LM head to generate with: generation "
-                      "needs a decoder-only (causal LM) or encoder-decoder model")
-
+from jaxlm.generate.speculative import speculative_generate
 
 class State(NamedTuple):
   """The decode loop's carry."""
@@ -129,65 +113,12 @@ def _run(graphdef, params, ids_BP, mask_BP, key, eos_E, pad, *, max_new_tokens, 
 _compiled_run = jax.jit(_run, static_argnames=("graphdef", "max_new_tokens", "s", "start_id"))
 
 
-class Prepared(NamedTuple):
-  ids_BP: np.ndarray  # left-padded (right-padded for an encoder) to a bucket
-  mask_BP: np.ndarray
-  eos_E: np.ndarray
-  pad: int
-  start_id: int | None
-
-
-def _ids_list(x) -> list[int]:
-  if x is None:
-    return []
-  return [int(i) for i in (x if isinstance(x, (list, tuple, np.ndarray)) else [x])]
-
-
-def prepare(model, input_ids, attention_mask=None, *, max_new_tokens: int,
-            eos_token_id=None, pad_token_id=None) -> Prepared:
-  """Checks the request against the model and lays the batch out for the compiled loop."""
-  check_model(model)
-  cfg = model.config
-  ids = np.asarray(input_ids)
-  if ids.ndim == 1:
-    ids = ids[None]
-  if ids.ndim != 2 or ids.shape[1] == 0:
-    raise ConfigError(f"input_ids must be [batch, length] token ids, got shape {ids.shape}")
-  mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-  if mask.shape != ids.shape:
-    raise ConfigError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
-  if max_new_tokens < 1:
-    raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  lengths = mask.sum(1)
-  limit = cfg.max_position_embeddings
-  if lengths.max() > limit:
-    raise ConfigError(f"a prompt of {int(lengths.max())} tokens is longer than the model's "
-                      f"context (max_position_embeddings={limit})")
-  if not _seq2seq(model) and lengths.max() + max_new_tokens > limit:
-    raise ConfigError(f"max_new_tokens={max_new_tokens} after a {int(lengths.max())}-token "
-                      f"prompt runs past max_position_embeddings={limit}")
-  eos = _ids_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
-  pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
-  pad = int(pad if pad is not None else (eos[0] if eos else 0))
-  P = bucket(int(lengths.max()))
-  out_ids = np.full((ids.shape[0], P), pad, np.int32)
-  out_mask = np.zeros((ids.shape[0], P), np.int32)
-  for b in range(ids.shape[0]):  # each row's real tokens, in order, at its right end
-    real = ids[b][mask[b] > 0]
-    if _seq2seq(model):
-      out_ids[b, :len(real)], out_mask[b, :len(real)] = real, 1
-    elif len(real):
-      out_ids[b, P - len(real):], out_mask[b, P - len(real):] = real, 1
-  start = cfg.decoder_start_token_id if _seq2seq(model) else None
-  # -1 never matches a token: a fixed-size eos array without any eos id.
-  return Prepared(out_ids, out_mask, np.asarray(eos or [-1], np.int32), pad, start)
-
-
 def generate(model, input_ids, *, max_new_tokens: int, attention_mask=None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, repetition_penalty: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             seed: int = 0, return_scores: bool = False):
+             seed: int = 0, return_scores: bool = False, draft_model=None,
+             num_draft_tokens: int = 4):
   """Generates up to `max_new_tokens` tokens after each prompt.
 
   Args:
@@ -201,6 +132,9 @@ def generate(model, input_ids, *, max_new_tokens: int, attention_mask=None,
     seed: the draws depend on it alone (and the step): the same seed, the same tokens.
     return_scores: also return each new token's log-probability under the distribution
       it was chosen from.
+    draft_model: a smaller decoder with the same vocabulary: speculative decoding
+      (generate/speculative.py), `num_draft_tokens` proposed per target pass. The output
+      is the target's greedy output, or distributed as the target's samples.
 
   Returns:
     [B, P + max_new_tokens] for a decoder-only model (the prompts as given, then the new
@@ -209,6 +143,13 @@ def generate(model, input_ids, *, max_new_tokens: int, attention_mask=None,
     With `return_scores`, (tokens, log_probs [B, max_new_tokens]).
   """
   s = Sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+  if draft_model is not None:
+    if return_scores:
+      raise ConfigError("return_scores is not available with draft_model")
+    return speculative_generate(model, draft_model, input_ids, max_new_tokens=max_new_tokens,
+                                num_draft_tokens=num_draft_tokens,
+                                attention_mask=attention_mask, s=s, eos_token_id=eos_token_id,
+                                pad_token_id=pad_token_id, seed=seed)
   prep = prepare(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                  eos_token_id=eos_token_id, pad_token_id=pad_token_id)
   graphdef, params = nnx.split(model)

@@ -66,11 +66,14 @@ class Decoder(nnx.Module):
     self.norm = norm(cfg) if cfg.norm_position == "pre" else None
     self.rope = rope_spec(cfg)
 
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> list[dict]:
+  def init_cache(self, batch_size: int, max_length: int, dtype=None,
+                 window_slack: int = 0) -> list[dict]:
     """Per-layer KV caches for `max_length` tokens (prompt and output); a sliding-window
-    model keeps `sliding_window` slots, however long the output grows."""
+    model keeps `sliding_window` (+ `window_slack`) slots, however long the output grows.
+    The slack is for callers that write columns they may take back (speculative
+    decoding): a rolled-back column must not have evicted one a later query still sees."""
     w = self.config.sliding_window
-    size = max_length if w is None else min(max_length, w)
+    size = max_length if w is None else min(max_length, w + window_slack)
     return [layer.init_cache(batch_size, size, dtype) for layer in self.layers]
 
   def __call__(self, input_ids_BT, attention_mask=None, *, segment_ids=None, position_ids=None,
@@ -117,10 +120,11 @@ class DecoderForCausalLM(PreTrainedModel):
         cfg.hidden_size, cfg.vocab_size, use_bias=False, init_std=cfg.initializer_range,
         rngs=rngs, **dtypes(cfg, runtime))
 
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> list[dict]:
+  def init_cache(self, batch_size: int, max_length: int, dtype=None,
+                 window_slack: int = 0) -> list[dict]:
     """An empty KV cache for `batch_size` rows of up to `max_length` tokens (default dtype:
     the compute dtype); pass it as `cache=` and take the updated one from the output."""
-    return self.model.init_cache(batch_size, max_length, dtype)
+    return self.model.init_cache(batch_size, max_length, dtype, window_slack)
 
   def __call__(self, input_ids_BT, attention_mask=None, *, segment_ids=None, position_ids=None,
                cache: list | None = None, project_logits: bool = True,
