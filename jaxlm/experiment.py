@@ -111,6 +111,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.finetune.generate_max_new_tokens = 8  # sft: answers scored at the end
   c.finetune.generate_examples = 300
 
+  # Distillation (train.objective=distill, jaxlm/tasks/distill.py): the student (model.*,
+  # or model.init_from) learns from a frozen teacher that shares its tokenizer.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = ""  # a jaxlm workdir or export, or a Hugging Face directory
+  c.distill.temperature = 2.0  # softens both distributions; the KL term is scaled by T^2
+  c.distill.alpha_kl = 1.0  # weight of T^2 KL(teacher || student)
+  c.distill.alpha_hard = 1.0  # weight of the student's own loss on the true tokens
+  c.distill.alpha_cos = 0.0  # weight of 1 - cos(student, teacher) of the last hidden states
+  c.distill.init_from_teacher_layers = False  # student layer i starts as teacher layer 2i
+
   # The device mesh: sizes of the data, fsdp, tensor and expert axes (product = device
   # count; one may be -1, "the rest"), and the logical-axis -> mesh-axis rules.
   c.mesh = ml_collections.ConfigDict()
@@ -139,6 +149,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.repetition_penalty = 1.0
   c.generate.batch_size = 8  # prompts per compiled call (--prompts_file)
   c.generate.seed = 0
+  c.generate.quantize = ""  # "", int8, int4 or bf16: weight-only (jaxlm/compress/quantize.py)
+  c.generate.quantize_group_size = 128  # int4: input features per scale
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 200
@@ -170,6 +182,7 @@ _BOUNDS = {
     "generate.top_p": (0, 1, True, False), "generate.min_p": (0, 1, False, False),
     "generate.repetition_penalty": (0, None, True, False),
     "generate.batch_size": (1, None, False, False),
+    "generate.quantize_group_size": (1, None, False, False),
     "model.initializer_range": (0, None, True, False),
     "model.layer_norm_eps": (0, None, True, False), "model.rope_theta": (0, None, True, False),
     "finetune.head_learning_rate": (0, None, False, False),
@@ -177,10 +190,14 @@ _BOUNDS = {
     "finetune.lora.dropout": (0, 1, False, True),
     "finetune.generate_max_new_tokens": (1, None, False, False),
     "finetune.generate_examples": (0, None, False, False),
+    "distill.temperature": (0, None, True, False),
+    "distill.alpha_kl": (0, None, False, False), "distill.alpha_hard": (0, None, False, False),
+    "distill.alpha_cos": (0, None, False, False),
 }
 _CHOICES = {"train.nan_policy": ("stop", "skip"),
             "finetune.dataset": ("", "genre", "who_speaks", "next_speaker"),
             "eval.split": ("", "train", "validation", "test"),
+            "generate.quantize": ("", "int8", "int4", "bf16"),
             "tokenizer.model_type": ("unigram", "bpe"),
             "data.clean.normalization": ("NFC", "NFKC", "NFD", "NFKD", "none")}
 
@@ -267,8 +284,9 @@ def with_precision(cfg, model: ModelConfig) -> ModelConfig:
 
 
 def task_of(cfg) -> tasks.Task:
-  """The task train.objective names: the one registry lookup of a run."""
-  return tasks.get(cfg.train.objective)
+  """The task train.objective names: the one registry lookup of a run, bound to the
+  config (a task whose behaviour depends on its config section returns a bound copy)."""
+  return tasks.get(cfg.train.objective).bind(cfg)
 
 
 def check_seq_len(cfg, model: ModelConfig, source: str = "model") -> None:

@@ -83,6 +83,30 @@ class Task(abc.ABC):
     """ModelConfig token ids for a model built from scratch on this tokenizer."""
     return {"vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.pad_id}
 
+  def bind(self, cfg) -> Task:
+    """This task for one experiment config (experiment.task_of): itself, or a configured
+    copy for a task whose steps read its own config section (tasks/distill.py)."""
+    return self
+
+  # ---- the trained model (defaults: the model the loop builds or loads trains whole) ----
+  def tokenizer_dir(self, cfg) -> str:
+    """A model directory whose tokenizer the data must use ("": the config's own)."""
+    return ""
+
+  def training_model(self, model, cfg, log) -> Any:
+    """What trains: `model` (built from model.* or loaded from model.init_from), or a
+    composition of it, e.g. a student with its frozen teacher."""
+    return model
+
+  def trainable(self, model) -> Any:
+    """An nnx filter of the parameters that train, or None for all of them; the rest is
+    frozen (no gradients, no optimizer state, not checkpointed)."""
+    return None
+
+  def exported_model(self, model) -> Any:
+    """The part of the trained model that is exported and counted in the report."""
+    return model
+
   # ---- data -------------------------------------------------------------------------
   @abc.abstractmethod
   def examples(self, corpus, split: str, data_cfg, seed: int) -> pipeline.Examples:

@@ -112,6 +112,9 @@ def setup(cfg, workdir: str, mesh=None):
     model, _ = load_pretrained(cfg)
     tok_cfg = ml_collections.ConfigDict(cfg.tokenizer.to_dict())
     tok_cfg.path = os.path.abspath(resolve_dir(cfg.model.init_from))
+  elif task.tokenizer_dir(cfg):  # e.g. distillation: the teacher's tokenizer
+    tok_cfg = ml_collections.ConfigDict(cfg.tokenizer.to_dict())
+    tok_cfg.path = os.path.abspath(task.tokenizer_dir(cfg))
   data_dir = os.path.join(workdir, "data")
   primary, failed = distributed.is_primary(), None
   if primary:
@@ -134,9 +137,8 @@ def setup(cfg, workdir: str, mesh=None):
     rt = experiment.runtime(cfg)
     model = create_sharded(lambda: auto.build_model(model_cfg, runtime=rt, seed=cfg.seed),
                            mesh, rules)
-  else:
-    model = shard_module(model, mesh, rules)
-  return corpus, model, task
+  model = task.training_model(model, cfg, log if primary else _quiet)
+  return corpus, shard_module(model, mesh, rules), task
 
 
 def _quiet(_msg: str) -> None:
@@ -208,6 +210,9 @@ def sharded_train_state(model, cfg, mesh):
   if experiment.task_of(cfg).finetune:
     graphdef, params, frozen = finetuning.split(model, finetuning.trainable(cfg, model))
     tx, schedule = finetuning.make_optimizer(cfg.train, cfg.finetune, params)
+  elif (filt := experiment.task_of(cfg).trainable(model)) is not None:
+    graphdef, params, frozen = finetuning.split(model, filt)
+    tx, schedule = make_optimizer(cfg.train)
   else:
     (graphdef, params), frozen = nnx.split(model, nnx.Param), None
     tx, schedule = make_optimizer(cfg.train)
@@ -468,7 +473,7 @@ class _Trainer:
           lora.save_adapters(self.model, os.path.join(self.workdir, "adapters"),
                              finetuning.lora_config(self.cfg, self.model))
           lora.merge_lora(self.model)
-        save_pretrained(self.model, out)
+        save_pretrained(self.task.exported_model(self.model), out)
         self.corpus.tokenizer.save(out)
       except OSError as e:
         raise DataError(f"cannot write the exported model to {out}: {e.strerror or e}") from None
@@ -480,7 +485,8 @@ class _Trainer:
     val = self.evaluator(self.eval_params(), "validation")
     test = self.evaluator(self.eval_params(), "test")
     rep = {
-        "params": int(sum(x.size for x in jax.tree.leaves(nnx.state(self.model, nnx.Param)))),
+        "params": int(sum(x.size for x in jax.tree.leaves(
+            nnx.state(self.task.exported_model(self.model), nnx.Param)))),
         "trained_params": int(sum(x.size for x in jax.tree.leaves(self.params))),
         "tokens_seen": int(run["tokens_seen"]),
         "steps": int(run["step"]),
