@@ -12,10 +12,16 @@ nothing), and is the one place that dispatches between them:
 
 How a model runs (compute dtype, attention backend, remat) is never saved: the caller
 picks it (`Runtime`).
+
+A quantized model (jaxlm.quantize) is always a jaxlm export: model.safetensors holds the
+packed codes and scales by module path ("model.layers.0.attn.q.qweight", "...scales"),
+and config.json a `quantization_config` ({"quant_method": "jaxlm", "mode": "int4", ...});
+loading builds the float model shape-only, applies the same swap, and fills it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -30,6 +36,7 @@ from jaxlm.models import auto, base
 from jaxlm.params import flat_params, load_params, param_shapes
 
 WEIGHTS_NAME = "model.safetensors"
+QUANT_KEY = "quantization_config"
 
 
 def _hf_family(cfg: ModelConfig) -> hf.Family | None:
@@ -49,8 +56,16 @@ def save_pretrained(model: nnx.Module, directory: str) -> str:
   """Writes HF format where transformers can express the model, else a jaxlm export;
   returns which ("hf" or "jaxlm")."""
   cfg = model.config
-  fam = _hf_family(cfg)
+  quant = getattr(model, "quantization", None)  # compress.quantize.QuantConfig
+  fam = _hf_family(cfg) if quant is None else None
   os.makedirs(directory, exist_ok=True)
+  if quant is not None:
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+      f.write(json.dumps({**cfg.to_dict(), EXPORT_MARKER: 1, QUANT_KEY: quant.to_json()},
+                         indent=2, sort_keys=True) + "\n")
+    save_file(flat_params(model), os.path.join(directory, WEIGHTS_NAME),
+              metadata={"format": "jaxlm"})
+    return "jaxlm"
   if fam is not None:
     arch = cfg.architectures[0]
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
@@ -82,6 +97,7 @@ def is_export(raw: dict) -> bool:
 def load_config(directory: str) -> tuple[ModelConfig, hf.Family | None]:
   """(the directory's ModelConfig, its HF family or None for a jaxlm export)."""
   raw = hf.read_hf_config(directory)
+  raw.pop(QUANT_KEY, None)  # read_quantization's; checked there
   arch = (raw.get("architectures") or [None])[0]
   if not is_export(raw):
     if arch is None:
@@ -104,6 +120,16 @@ def load_config(directory: str) -> tuple[ModelConfig, hf.Family | None]:
                       f"({type(e).__name__}: {e})") from None
 
 
+def read_quantization(directory: str):
+  """The QuantConfig in `directory`/config.json (compress.quantize), or None for a float
+  model; a quantization_config jaxlm did not write (GPTQ, AWQ, ...) is a DataError."""
+  raw = hf.read_hf_config(directory)
+  if QUANT_KEY not in raw:
+    return None
+  from jaxlm.compress.quantize import QuantConfig
+  return QuantConfig.from_json(raw[QUANT_KEY], f"{directory}/config.json")
+
+
 def from_pretrained(directory: str, *, dtype: str | None = None,
                     attention_impl: str | None = None, remat: str | None = None,
                     runtime: Runtime | None = None) -> nnx.Module:
@@ -118,6 +144,13 @@ def from_pretrained(directory: str, *, dtype: str | None = None,
   runtime = (runtime or Runtime()).replace(dtype=dtype, attention_impl=attention_impl,
                                            remat=remat)
   cfg, fam = load_config(directory)
+  quant = read_quantization(directory)
+  if quant is not None:
+    from jaxlm.compress.quantize import quantize  # compress imports models
+    model = nnx.eval_shape(lambda: quantize(auto.build_model(cfg, runtime=runtime),
+                                            **dataclasses.asdict(quant)))
+    path = os.path.join(directory, WEIGHTS_NAME)
+    return load_params(model, load_safetensors(path), path)
   model = auto.build_abstract_model(cfg, runtime=runtime)
   if fam is None:
     path = os.path.join(directory, WEIGHTS_NAME)

@@ -1,11 +1,14 @@
 """Model report: python -m jaxlm.report --config=configs/X.py[:variant] | --hf=DIR
 
   [--config.a.b=value ...] [--mesh=data=2,fsdp=4] [--device cpu|h100|h200|tpu-v5e|
-  tpu-v5p|tpu-v6e] [--seq_len N] [--batch N] [--json]
+  tpu-v5p|tpu-v6e] [--seq_len N] [--batch N] [--quantize int8|int4|bf16 [--group_size G]]
+  [--json]
 
 Prints parameters (total, embedding, non-embedding, active per token for MoE), training
 FLOPs per token (MaxText's accounting), training memory per device on the mesh,
-inference memory (weights, KV cache) and a roofline step time for the device. Nothing
+inference memory (weights, KV cache), parameter bytes per dtype as stored (a quantized
+export's codes and scales) and, with --quantize, after weight-only quantization
+(jaxlm.quantize), and a roofline step time for the device. Nothing
 is allocated: the model is built abstractly. How each number is counted:
 `jaxlm/analysis.py`. The vocabulary is the config's model.vocab_size (a run from scratch
 resizes it to the trained tokenizer; set --config.model.vocab_size to match).
@@ -35,6 +38,9 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Sequence length (default: data
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch in sequences (default: "
                               "train.batch_size; 8 with --hf).")
 _JSON = flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
+_QUANTIZE = flags.DEFINE_string("quantize", None, "int8, int4 or bf16: also count the "
+                                "parameter bytes after weight-only quantization.")
+_GROUP_SIZE = flags.DEFINE_integer("group_size", 128, "int4 group size for --quantize.")
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -63,7 +69,29 @@ def _hf_model_config(directory: str):
   return load_config(directory)[0]
 
 
-def build(cfg, hf_dir, mesh_text, device, seq_len, batch) -> dict:
+def parameter_bytes(mc, rt, stored=None, mode: str | None = None,
+                    group_size: int = 128) -> dict:
+  """{"stored": bytes per dtype of the model as built (quantized as `stored`, a
+  QuantConfig, says), mode: the same after jaxlm.quantize(mode)}, from abstract models."""
+  import dataclasses
+
+  from flax import nnx
+
+  from jaxlm.compress.quantize import param_bytes, quantize
+  from jaxlm.models import auto
+
+  def counted(**q):
+    return param_bytes(nnx.eval_shape(
+        lambda: quantize(auto.build_model(mc, runtime=rt), **q) if q
+        else auto.build_model(mc, runtime=rt)))
+  out = {"stored": counted(**(dataclasses.asdict(stored) if stored else {}))}
+  if mode:
+    out[mode] = counted(mode=mode, group_size=group_size)
+  return out
+
+
+def build(cfg, hf_dir, mesh_text, device, seq_len, batch, quantize: str | None = None,
+          group_size: int = 128) -> dict:
   """The report dict (analysis.report) for a config or an HF directory."""
   from jaxlm import analysis, experiment
   from jaxlm.config import Runtime
@@ -96,6 +124,9 @@ def build(cfg, hf_dir, mesh_text, device, seq_len, batch) -> dict:
   spec = analysis.device_spec(device, "float32" if rt.dtype == "float32" else "bfloat16")
   out = analysis.report(mc, rows, rules=rules, mesh=mesh, seq_len=seq_len, batch=batch,
                         device=spec, grad_accum=grad_accum, optimizer=optimizer, runtime=rt)
+  from jaxlm.pretrained import read_quantization
+  stored = read_quantization(hf_dir) if hf_dir is not None else None
+  out["parameter_bytes"] = parameter_bytes(mc, rt, stored, quantize, group_size)
   out["source"] = hf_dir if hf_dir is not None else "config"
   return out
 
@@ -168,6 +199,14 @@ def format_table(r: dict) -> str:
       "inference memory",
       "  weights               " + "  ".join(f"{k} {_b(v)}" for k, v in inf["weights"].items()),
   ]
+  pb = r.get("parameter_bytes", {})
+  stored_total = sum(pb.get("stored", {}).values())
+  for name, by_dtype in pb.items():
+    total = sum(by_dtype.values())
+    label = "params as stored" if name == "stored" else f"params as {name}"
+    lines.append(f"  {label:<21} " + "  ".join(f"{k} {_b(v)}" for k, v in by_dtype.items())
+                 + f"  (total {_b(total)}"
+                 + ("" if name == "stored" else f", {stored_total / total:.2f}x smaller") + ")")
   if inf["kv_per_token"]:
     lines.append(f"  KV cache ({inf['kv_dtype']})   {_b(inf['kv_per_token'])}/token, "
                  f"{_b(inf['kv_at_context'])} at {inf['context']:,} tokens")
@@ -201,7 +240,8 @@ def main(argv):
   if cfg is not None and _HF.value is not None:
     _fail("give either --config or --hf, not both")
   try:
-    r = build(cfg, _HF.value, _MESH.value, _DEVICE.value, _SEQ_LEN.value, _BATCH.value)
+    r = build(cfg, _HF.value, _MESH.value, _DEVICE.value, _SEQ_LEN.value, _BATCH.value,
+              _QUANTIZE.value, _GROUP_SIZE.value)
   except (JaxlmError, ValueError) as e:
     _fail(_one_line(e))
   print(json.dumps(r, indent=2, default=str) if _JSON.value else format_table(r))

@@ -43,6 +43,8 @@ class Projection:
   @classmethod
   def of_dense(cls, dense, h) -> "Projection":
     """The projection a bias-free or biased layers.linear.Dense would compute."""
+    if not hasattr(dense, "kernel"):  # a swapped-in layer (compress.quantize) builds its own
+      return dense.projection(h)
     bias = None if dense.bias is None else dense.bias[...]
     return cls(h, dense.kernel[...], bias, vocab_major=False, dtype=dense.dtype)
 
