@@ -139,3 +139,25 @@ def test_invalid_tokenizer_json_named(tmp_path):
   path.write_text(json.dumps({"version": "1.0"}), encoding="utf-8")
   with pytest.raises(DataError, match="no model type"):
     jaxlm.load_tokenizer(str(path))
+
+
+def test_gpt2_vocab_and_merges_without_tokenizer_json(gpt2_dir, tmp_path):
+  """GPT-2's original files: vocab.json + merges.txt load as the same byte-level BPE (what
+  transformers' GPT2TokenizerFast builds from them), <|endoftext|> special."""
+  d, ref = gpt2_dir
+  ref.model.save(str(tmp_path))  # vocab.json, merges.txt (with a "#version" header)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt", "vocab.json"]
+  tok = jaxlm.load_tokenizer(str(tmp_path))
+  assert tok.kind == "bpe" and tok.vocab_size == ref.get_vocab_size()
+  for text in TEXTS:
+    assert tok.encode(text) == ref.encode(text).ids
+    assert tok.decode(tok.encode(text)) == text
+  eot = ref.token_to_id("<|endoftext|>")
+  assert tok.eos_id == eot and tok.special_ids == {eot}
+  assert tok.encode("hi<|endoftext|>", parse_special=True)[-1] == eot
+  (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n")
+  with pytest.raises(DataError, match=r"merges.txt: line 2 is not a merge of two tokens"):
+    jaxlm.load_tokenizer(str(tmp_path))
+  (tmp_path / "merges.txt").unlink()
+  with pytest.raises(DataError, match=r"merges.txt"):
+    jaxlm.load_tokenizer(str(tmp_path))

@@ -23,7 +23,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (AddedToken, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
 
 from jaxlm.data import special_tokens
 from jaxlm.errors import ConfigError, DataError
@@ -36,6 +37,8 @@ HF_FILE = "tokenizer.json"
 WORDPIECE_FILE = HF_FILE  # what trained WordPiece tokenizers are saved as
 _HF_CONFIG_FILE = "tokenizer_config.json"  # transformers' sidecar: class + special tokens
 SPM_FILE = "spm.model"
+GPT2_VOCAB_FILE, GPT2_MERGES_FILE = "vocab.json", "merges.txt"  # GPT-2's pre-tokenizer.json files
+GPT2_EOT = "<|endoftext|>"
 BERT_VOCAB_FILE = "vocab.txt"
 
 _PREFIX = "##"  # WordPiece continuing-subword prefix
@@ -257,6 +260,8 @@ class Tokenizer:
       raise DataError(f"tokenizer: no such file or directory: {path!r}")
     name, directory = os.path.basename(path), os.path.dirname(path)
     named = special_tokens.read_sidecars(directory)
+    if name == GPT2_VOCAB_FILE:
+      return cls(_load_gpt2_bpe(path), source=path, named_tokens=named)
     if name.endswith(".json"):
       return cls(_load_hf_json(path), source=path, named_tokens=named)
     if name.endswith(".model"):
@@ -279,11 +284,14 @@ def _find_in_directory(directory: str) -> str:
   for name in (WORDPIECE_FILE, SPM_FILE, BERT_VOCAB_FILE):
     if os.path.isfile(os.path.join(directory, name)):
       return os.path.join(directory, name)
+  if all(os.path.isfile(os.path.join(directory, n)) for n in (GPT2_VOCAB_FILE, GPT2_MERGES_FILE)):
+    return os.path.join(directory, GPT2_VOCAB_FILE)
   models_found = sorted(n for n in os.listdir(directory) if n.endswith(".model"))
   if len(models_found) == 1:
     return os.path.join(directory, models_found[0])
-  raise DataError(f"{directory}: no {WORDPIECE_FILE}, {SPM_FILE}, {BERT_VOCAB_FILE} or "
-                  "single *.model tokenizer file in directory")
+  raise DataError(f"{directory}: no {WORDPIECE_FILE}, {SPM_FILE}, {BERT_VOCAB_FILE}, "
+                  f"{GPT2_VOCAB_FILE} + {GPT2_MERGES_FILE} or single *.model tokenizer file "
+                  "in directory")
 
 
 def _read_bytes(path: str) -> bytes:
@@ -324,6 +332,35 @@ def _load_hf_json(path: str) -> HFTokenizer:
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f"{path}: invalid {model['type']} tokenizer.json "
                     f"({str(e).splitlines()[0]})") from None
+
+
+def _load_gpt2_bpe(vocab_path: str) -> HFTokenizer:
+  """GPT-2's original files (vocab.json + merges.txt, no tokenizer.json): the byte-level BPE
+  that transformers' GPT2TokenizerFast builds from them, with <|endoftext|> special."""
+  merges_path = os.path.join(os.path.dirname(vocab_path), GPT2_MERGES_FILE)
+  if not os.path.isfile(merges_path):
+    raise DataError(f"{vocab_path}: a GPT-2 vocab.json needs {GPT2_MERGES_FILE} beside it")
+  try:
+    vocab = json.loads(_read_text(vocab_path))
+  except json.JSONDecodeError as e:
+    raise DataError(f"{vocab_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+  if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+    raise DataError(f"{vocab_path}: not a GPT-2 vocab.json (token -> id)")
+  merges = []
+  for n, line in enumerate(_read_text(merges_path).splitlines(), 1):
+    if not line.strip() or (n == 1 and line.startswith("#version")):
+      continue
+    parts = line.split(" ")
+    if len(parts) != 2:
+      raise DataError(f"{merges_path}: line {n} is not a merge of two tokens: {line[:40]!r}")
+    merges.append((parts[0], parts[1]))
+  tok = HFTokenizer(models.BPE(vocab, merges))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.post_processor = processors.ByteLevel(trim_offsets=False)
+  if GPT2_EOT in vocab:
+    tok.add_special_tokens([AddedToken(GPT2_EOT, special=True)])
+  return tok
 
 
 def _steps(part) -> list[dict]:
