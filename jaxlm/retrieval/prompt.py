@@ -103,7 +103,7 @@ def read_chat_template(directory: str) -> str | None:
 
 def render_chat(chat_template: str, messages: list[dict]) -> str:
   """`messages` through a Jinja chat template, ending with the generation prompt."""
-  import jinja2  # noqa: PLC0415 (optional: only chat models need it)
+  import jinja2  # noqa: PLC0415 (imported when a chat template is used)
   from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
   env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
   try:
