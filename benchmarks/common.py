@@ -3,8 +3,25 @@ where it was asked for."""
 
 import math
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def jaxlm_cli(args: list[str], log: str) -> float:
+  """Runs `python -m jaxlm.main ARGS` from the repository root (output to `log`); exits
+  naming the log if it fails; returns its wall seconds."""
+  t0 = time.perf_counter()
+  with open(log, "w", encoding="utf-8") as f:
+    proc = subprocess.run([sys.executable, "-m", "jaxlm.main", *args], cwd=ROOT, stdout=f,
+                          stderr=subprocess.STDOUT, check=False)
+  if proc.returncode:
+    sys.exit(f"python -m jaxlm.main {' '.join(args)} failed; see {log}")
+  return round(time.perf_counter() - t0, 1)
 
 
 def write_json(text: str, *paths: str | None, out_name: str | None = None) -> list[str]:

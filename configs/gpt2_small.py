@@ -6,7 +6,8 @@ gelu_new, tied LM head) pretrained as a causal LM on the embedded corpus.
 The vocabulary is a WordPiece trained on the corpus (the model's vocab_size follows it),
 so the shape is GPT-2's except for the embedding rows. `configs/gpt2_small.py:tiny`
 shrinks the model and the run to seconds; `:mini` is a 4-layer, 128-wide decoder
-trained for ~5 minutes (the start of configs/finetune_next_speaker.py); `:medium` a
+trained for ~5 minutes (the start of configs/finetune_next_speaker.py); `:rag` the same
+on 256-token rows (the generator configs/rag.py tunes); `:medium` a
 6-layer, 384-wide one (the speculative-decoding target of benchmarks/compress_spec.py); `:bench` is the GPT shape of
 benchmarks/train_throughput.py (d 256, 4 layers, seq 256, batch 8). To continue from a checkpoint instead
 (architecture and tokenizer then come from DIR):
@@ -37,6 +38,10 @@ def get_config(arg=None):
   elif arg == "mini":  # ~5 min on 2 CPU cores; the decoder configs/finetune_next_speaker.py tunes
     _small_run(c, width=128, layers=4, heads=4, max_positions=128, steps=2000, batch_size=32,
                learning_rate=2e-3, every=500)
+  elif arg == "rag":  # :mini with 256-token rows: the generator of configs/rag.py
+    _small_run(c, width=128, layers=4, heads=4, max_positions=256, steps=2000, batch_size=16,
+               learning_rate=2e-3, every=500)
+    c.data.max_seq_len = 256
   elif arg == "medium":  # ~10 min here: the target of benchmarks/compress_spec.py (a decode
     # step costs ~9x the 2-layer draft's, so speculation can pay; at :mini it cannot)
     _small_run(c, width=384, layers=6, heads=6, max_positions=256, steps=600, batch_size=16,
@@ -47,7 +52,7 @@ def get_config(arg=None):
                          dtype="float32")
   elif arg:
     raise ValueError(f"unknown variant {arg!r}; use configs/gpt2_small.py, :tiny, :mini, "
-                     ":medium or :bench")
+                     ":rag, :medium or :bench")
   return c
 
 

@@ -1,6 +1,7 @@
 """What the command-line entry points share: user errors as one `error:` line and exit
 status 2 (never a traceback), including errors in --config.a.b=value overrides."""
 
+import ctypes
 import sys
 
 from absl import flags
@@ -27,3 +28,14 @@ def parse_flags(argv):
     fail(one_line(e))
   except (KeyError, AttributeError, TypeError, ValueError) as e:  # from config overrides
     fail(f"config override: {one_line(e)}")
+
+
+def tune_malloc() -> None:
+  """glibc malloc without per-allocation mmap or trimming: XLA:CPU's step buffers
+  otherwise cost ~100k page faults a step (docs/performance.md#memory-and-allocator)."""
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:  # not glibc
+    return
+  for option, value in ((-8, 1), (-4, 0), (-1, 2**31 - 1), (-2, 256 << 20)):
+    libc.mallopt(option, value)  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD, M_TOP_PAD

@@ -121,6 +121,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.alpha_cos = 0.0  # weight of 1 - cos(student, teacher) of the last hidden states
   c.distill.init_from_teacher_layers = False  # student layer i starts as teacher layer 2i
 
+  # Dense retrieval (train.objective=contrastive, jaxlm/tasks/contrastive.py): InfoNCE with
+  # in-batch negatives on inverse-cloze pairs (jaxlm/data/ict.py).
+  c.contrastive = ml_collections.ConfigDict()
+  c.contrastive.temperature = 0.05  # logits = cosine similarity / temperature
+  c.contrastive.pooling = "mean"  # "mean" | "cls", as DenseRetriever pools
+  c.contrastive.query_max_len = 32  # tokens of a query row ([CLS] line [SEP])
+  c.contrastive.min_query_tokens = 6  # shorter lines (speaker names) are never queries
+  c.contrastive.keep_query_prob = 0.1  # training: the line stays in its passage (Lee et al.)
+  c.contrastive.group_size = 1  # training: G passages of one document together in a batch;
+  # 0: every query line with a random window of its document around it (no fixed passages)
+  c.contrastive.freeze_embeddings = False  # the word, position and type embeddings stay
+
+  # Retrieval-augmented generation (jaxlm/retrieval/cli.py): --mode=index builds
+  # workdir/index from data.source; --mode=rag answers --prompt / --prompts_file from it.
+  c.rag = ml_collections.ConfigDict()
+  c.rag.retriever = "bm25"  # "bm25" | "dense" | "hybrid" (BM25 + dense, RRF)
+  c.rag.encoder = ""  # dense/hybrid: the encoder directory (e.g. a contrastive run's model)
+  c.rag.pooling = "mean"  # "mean" | "cls"
+  c.rag.tokenizer = ""  # counts chunk tokens; "": the encoder's, else the generator's
+  c.rag.chunk_tokens = 64
+  c.rag.chunk_overlap = 0
+  c.rag.generator = ""  # --mode=rag: the decoder directory; "": model.init_from
+  c.rag.template = ""  # a format string with {question} (and {context}, {examples}) or a file
+  c.rag.k = 4  # passages retrieved per question (the lowest-ranked go first if too long)
+  c.rag.stop = "\n"  # the answer ends at the first one
+
   # The device mesh: sizes of the data, fsdp, tensor and expert axes (product = device
   # count; one may be -1, "the rest"), and the logical-axis -> mesh-axis rules.
   c.mesh = ml_collections.ConfigDict()
@@ -193,11 +219,14 @@ _BOUNDS = {
     "distill.temperature": (0, None, True, False),
     "distill.alpha_kl": (0, None, False, False), "distill.alpha_hard": (0, None, False, False),
     "distill.alpha_cos": (0, None, False, False),
+    "rag.chunk_tokens": (1, None, False, False), "rag.chunk_overlap": (0, None, False, False),
+    "rag.k": (0, None, False, False),
 }
 _CHOICES = {"train.nan_policy": ("stop", "skip"),
             "finetune.dataset": ("", "genre", "who_speaks", "next_speaker"),
             "eval.split": ("", "train", "validation", "test"),
             "generate.quantize": ("", "int8", "int4", "bf16"),
+            "rag.retriever": ("bm25", "dense", "hybrid"), "rag.pooling": ("mean", "cls"),
             "tokenizer.model_type": ("unigram", "bpe"),
             "data.clean.normalization": ("NFC", "NFKC", "NFD", "NFKD", "none")}
 
@@ -346,11 +375,16 @@ def pretrained_model_config(cfg, pretrained: ModelConfig, *, strict: bool = True
   return out
 
 
+def check_values(cfg) -> None:
+  """Known keys, their types, bounds and choices: what every mode checks first."""
+  _check_keys(cfg, base_config())
+  _check_values(cfg)
+
+
 def validate(cfg) -> ModelConfig:
   """Checks the whole experiment config; returns its ModelConfig (under model.init_from,
   the config file's; `pretrained_model_config` then checks it against the checkpoint)."""
-  _check_keys(cfg, base_config())
-  _check_values(cfg)
+  check_values(cfg)
   task = task_of(cfg)
   model = model_config(cfg)
   runtime(cfg)  # its choices are checked on construction

@@ -8,7 +8,6 @@ MPI, JAX finds the other processes itself; elsewhere give --coordinator_address,
 --num_processes and --process_id on each host (see README, "Scaling out").
 """
 
-import ctypes
 import os
 import sys
 
@@ -17,18 +16,20 @@ from ml_collections import config_flags
 
 from jaxlm.cli import fail as _fail
 from jaxlm.cli import one_line as _one_line
-from jaxlm.cli import parse_flags
+from jaxlm.cli import parse_flags, tune_malloc
 from jaxlm.errors import JaxlmError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints, metrics.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate", "finetune"],
-                          "What to run (finetune: train a fine-tuning objective).")
-_PROMPT = flags.DEFINE_string("prompt", None, "--mode=generate: one prompt.")
-_PROMPTS = flags.DEFINE_string("prompts_file", None, "--mode=generate: prompts, one a line "
-                               "or JSONL with a \"prompt\" field.")
-_OUTPUT = flags.DEFINE_string("output", None, "--mode=generate: JSONL results (default stdout).")
-_FRESH = flags.DEFINE_bool("fresh", False, "Start over: move the workdir's checkpoints aside.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate", "finetune", "index",
+                                           "rag"], "What to run (index: build WORKDIR/index "
+                          "from data.source; rag: answer from it).")
+_PROMPT = flags.DEFINE_string("prompt", None, "--mode=generate/rag: one prompt.")
+_PROMPTS = flags.DEFINE_string("prompts_file", None, "--mode=generate/rag: prompts, one a "
+                               "line or JSONL with a \"prompt\" field.")
+_OUTPUT = flags.DEFINE_string("output", None, "--mode=generate/rag: JSONL out (or stdout).")
+_FRESH = flags.DEFINE_bool("fresh", False, "Start over: move the workdir's checkpoints (or "
+                           "--mode=index: its index) aside.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-host: HOST:PORT of process 0, the same on every "
     "process (default: what JAX detects on a TPU pod, Slurm or Open MPI).")
@@ -37,17 +38,6 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: how ma
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's id, "
                                    "0 .. --num_processes - 1 (0 is the primary).",
                                    lower_bound=0)
-
-
-def _tune_malloc() -> None:
-  """glibc malloc without per-allocation mmap or trimming: XLA:CPU's step buffers
-  otherwise cost ~100k page faults a step (docs/performance.md#memory-and-allocator)."""
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:  # not glibc
-    return
-  for option, value in ((-8, 1), (-4, 0), (-1, 2**31 - 1), (-2, 256 << 20)):
-    libc.mallopt(option, value)  # M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD, M_TOP_PAD
 
 
 def main(argv):
@@ -68,7 +58,7 @@ def main(argv):
   if not _WORKDIR.value and not (generating and cfg.model.init_from):
     _fail("--workdir is required")
   if os.environ.get("JAXLM_MALLOC_TUNING", "1") == "1":
-    _tune_malloc()
+    tune_malloc()
   from jaxlm.parallel import distributed  # heavy imports after the cheap checks
   try:
     # Before anything touches JAX devices: joining a job changes what they are.
@@ -81,6 +71,10 @@ def main(argv):
       from jaxlm.generate import cli
       cli.run(cfg, _WORKDIR.value or "", prompt=_PROMPT.value, prompts_file=_PROMPTS.value,
               output=_OUTPUT.value)
+    elif _MODE.value in ("index", "rag"):
+      from jaxlm.retrieval import cli as rag_cli
+      rag_cli.main(_MODE.value, cfg, _WORKDIR.value, fresh=_FRESH.value, prompt=_PROMPT.value,
+                   prompts_file=_PROMPTS.value, output=_OUTPUT.value)
     elif _MODE.value == "eval":
       loop.evaluate(cfg, _WORKDIR.value)
     else:

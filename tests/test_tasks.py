@@ -19,7 +19,8 @@ JAXLM = REPO / "jaxlm"
 
 def test_registry_lists_every_objective_and_rejects_others():
   assert set(tasks.TASKS) == {"mlm", "nsp", "mlm+nsp", "sop", "causal", "span_corruption",
-                              "classify", "token_classify", "extractive_qa", "sft", "distill"}
+                              "classify", "token_classify", "extractive_qa", "sft", "distill",
+                              "contrastive"}
   assert all(isinstance(t, tasks.Task) and t.name == n for n, t in tasks.TASKS.items())
   cfg = experiment.base_config()
   cfg.train.objective = "bogus"

@@ -99,8 +99,7 @@ def write_manifest(directory: str, kind: str, **fields) -> None:
     f.write("\n")
 
 
-def read_manifest(directory: str, kind: str) -> dict:
-  """The manifest of an index directory built by a `kind` retriever."""
+def _manifest(directory: str) -> dict:
   path = os.path.join(directory, MANIFEST)
   if not os.path.isfile(path):
     raise ConfigError(f"{directory}: not an index directory (no {MANIFEST})")
@@ -109,6 +108,23 @@ def read_manifest(directory: str, kind: str) -> dict:
       m = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise ConfigError(f"{path}: unreadable manifest ({e})") from None
+  if not isinstance(m, dict):
+    raise ConfigError(f"{path}: unreadable manifest (not a JSON object)")
+  return m
+
+
+def read_kind(directory: str) -> str:
+  """Which retriever built the index in `directory` (bm25, dense or hybrid)."""
+  kind = _manifest(directory).get("kind")
+  if kind not in ("bm25", "dense", "hybrid"):
+    raise ConfigError(f"{directory}/{MANIFEST}: unknown index kind {kind!r}")
+  return kind
+
+
+def read_manifest(directory: str, kind: str) -> dict:
+  """The manifest of an index directory built by a `kind` retriever."""
+  path = os.path.join(directory, MANIFEST)
+  m = _manifest(directory)
   if m.get("kind") != kind:
     raise ConfigError(f"{path}: a {m.get('kind')!r} index, not a {kind!r} one")
   if m.get("format") != FORMAT:

@@ -5,8 +5,8 @@ call the task that `train.objective` names. To add one, see tasks/base.py's docs
 """
 
 from jaxlm.tasks import (  # noqa: F401 (registers)
-    causal, classify, distill, extractive_qa, mlm, mlm_nsp, nsp, sft, sop, span_corruption,
-    token_classify)
+    causal, classify, contrastive, distill, extractive_qa, mlm, mlm_nsp, nsp, sft, sop,
+    span_corruption, token_classify)
 from jaxlm.tasks.base import TASKS, Task, get, register
 
 __all__ = ["TASKS", "Task", "get", "register"]

@@ -150,6 +150,12 @@ class Task(abc.ABC):
     """Validation/test metrics from summed eval stats and the unigram model's NLL sum on
     the same targets. Must include "loss" (early stopping reads it)."""
 
+  def split_metrics(self, model, corpus, split: str, cfg) -> dict[str, Any]:
+    """Metrics of the model over a whole split that are no sums of batch statistics (e.g.
+    retrieval ranks every passage for every query), added to the evaluator's. Only a
+    task that overrides this makes the evaluator rebuild the model for it."""
+    return {}
+
   def unigram_log_probs(self, corpus, vocab_size: int) -> np.ndarray:
     """log p(token) [V] of the baseline unigram model."""
     return corpus.unigram_log_probs()

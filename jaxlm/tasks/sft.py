@@ -19,7 +19,7 @@ from jaxlm.data import labeled, pipeline
 from jaxlm.data.objectives import causal_example
 from jaxlm.errors import ConfigError, DataError
 from jaxlm.evals import text
-from jaxlm.generate.decode import generate
+from jaxlm.generate.text import complete
 from jaxlm.models import decoder
 from jaxlm.tasks.base import Task, fmt, register
 from jaxlm.tasks.causal import TokenPrediction
@@ -152,7 +152,7 @@ class SFT(TokenPrediction, FineTuneTask):
     and ROUGE-L against the references, and the majority baseline's."""
     f, tok = cfg.finetune, data.tokenizer
     recs = data.records["test"][:f.generate_examples]
-    answers = answer(model, tok, [r["prompt"] for r in recs], eos=self._eos(data),
+    answers = complete(model, tok, [r["prompt"] for r in recs], eos=self._eos(data),
                      max_new_tokens=f.generate_max_new_tokens,
                      max_prompt=cfg.data.max_seq_len - f.generate_max_new_tokens)
     refs = [r["response"] for r in recs]
@@ -181,24 +181,3 @@ class SFT(TokenPrediction, FineTuneTask):
       lines.append(f"  ...{ex['prompt'][-80:]!r}\n    reference: {ex['reference']}  model: "
                    f"{ex['model']}")
     return lines
-
-
-def answer(model, tok, prompts: list[str], *, eos: int, max_new_tokens: int,
-           max_prompt: int, batch_size: int = 32) -> list[str]:
-  """Greedy answers, cut at `eos`; prompts left-padded in batches of one shape."""
-  out = []
-  pad = tok.pad_id if tok.pad_id is not None else 0
-  for start in range(0, len(prompts), batch_size):
-    chunk = [ids[-max_prompt:] for ids in tok.encode_batch(
-        [p + "\n" for p in prompts[start:start + batch_size]])]
-    P = max_prompt
-    ids = np.full((batch_size, P), pad, np.int32)
-    mask = np.zeros((batch_size, P), np.int32)
-    for i, row in enumerate(chunk):
-      ids[i, P - len(row):], mask[i, P - len(row):] = row, 1
-    mask[len(chunk):, -1] = 1  # filler rows: one token, dropped below
-    gen = np.asarray(generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                              eos_token_id=eos, pad_token_id=pad))[:, P:]
-    for row in gen[:len(chunk)].tolist():
-      out.append(tok.decode(row[:row.index(eos)] if eos in row else row).strip())
-  return out

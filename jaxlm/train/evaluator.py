@@ -9,7 +9,7 @@ import numpy as np
 from jaxlm.data.corpus import Corpus
 from jaxlm.parallel import distributed
 from jaxlm.tasks import Task
-from jaxlm.train.steps import make_eval_step
+from jaxlm.train.steps import make_eval_step, merge
 
 
 class Evaluator:
@@ -23,7 +23,7 @@ class Evaluator:
                batch_sharding=None):
     self.corpus, self.cfg, self.task = corpus, cfg, task
     self.batch_sharding = batch_sharding
-    self.eval_step = make_eval_step(graphdef, task)
+    self.graphdef, self.eval_step = graphdef, make_eval_step(graphdef, task)
     self.unigram_logp = task.unigram_log_probs(corpus, vocab_size)
     self._batches: dict[str, list] = {}
     self._ready: dict[str, tuple[list, float]] = {}
@@ -68,5 +68,11 @@ class Evaluator:
     sums = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64))
             for k, v in jax.device_get(total or {}).items()}
     if self.task.finetune:  # their metrics name classes, read records
-      return self.task.eval_metrics({**sums, **baseline}, uni_sum, data=self.corpus)
-    return self.task.eval_metrics(sums, uni_sum)
+      metrics = self.task.eval_metrics({**sums, **baseline}, uni_sum, data=self.corpus)
+    else:
+      metrics = self.task.eval_metrics(sums, uni_sum)
+    if type(self.task).split_metrics is Task.split_metrics:
+      return metrics
+    model = merge(self.graphdef, *params) if isinstance(params, tuple) else merge(
+        self.graphdef, params)
+    return {**metrics, **self.task.split_metrics(model, self.corpus, split, self.cfg)}
