@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 from flax import nnx
 from safetensors.numpy import save_file
@@ -156,5 +157,12 @@ def from_pretrained(directory: str, *, dtype: str | None = None,
     path = os.path.join(directory, WEIGHTS_NAME)
     return load_params(model, load_safetensors(path), path)
   arch = cfg.architectures[0]
-  tensors = fam.params_from_hf(read_tensors(directory), cfg, arch, param_shapes(model))
+  shapes = param_shapes(model)
+  tensors = fam.params_from_hf(read_tensors(directory), cfg, arch, shapes)
+  fresh = sorted(set(shapes) - set(tensors))  # optional tensors the file lacks (a pooler)
+  if fresh:
+    init = flat_params(auto.build_model(cfg, runtime=runtime))
+    tensors = {**tensors, **{k: init[k] for k in fresh}}
+    print(f"warning: {directory}: {', '.join(fresh)} not in the checkpoint; newly "
+          f"initialized (as transformers does for {arch})", file=sys.stderr)
   return load_params(model, tensors, directory)

@@ -269,6 +269,34 @@ def test_missing_tensor_named(tmp_path):
     jaxlm.from_pretrained(d)
 
 
+def test_base_model_without_pooler_loads_with_a_fresh_one_and_a_warning(loaded, tmp_path,
+                                                                       capfd):
+  """transformers' BertModel / RobertaModel initialize a missing pooler and warn."""
+  d = broken_copy(tmp_path, "bert", lambda t: {k: v for k, v in t.items() if "pooler" not in k})
+  capfd.readouterr()
+  model = jaxlm.from_pretrained(d)
+  err = capfd.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "warning:" in err[0] and "pooler.kernel" in err[0] and \
+      "newly initialized" in err[0]
+  full, _ = run(loaded["bert"], "bert")
+  out, _ = run(model, "bert")
+  np.testing.assert_array_equal(out.last_hidden_state, full.last_hidden_state)
+  fresh = build_model(model.config, seed=0)  # the pooler is the model's own init
+  np.testing.assert_array_equal(model.pooler.kernel.get_value(), fresh.pooler.kernel.get_value())
+  assert not np.allclose(out.pooler_output, full.pooler_output)
+  # A RobertaModel from a masked-LM checkpoint (no pooler, a head it ignores) loads too.
+  r = tmp_path / "roberta"
+  shutil.copytree(fixture("roberta_mlm"), r)
+  cfg = json.loads((r / "config.json").read_text())
+  (r / "config.json").write_text(json.dumps({**cfg, "architectures": ["RobertaModel"]}))
+  roberta = jaxlm.from_pretrained(str(r))
+  assert "pooler" in capfd.readouterr().err and roberta.config.architectures == ["RobertaModel"]
+  # A class whose pooler is its head still needs it.
+  with pytest.raises(DataError, match="missing tensor 'bert.pooler.dense.weight'"):
+    jaxlm.from_pretrained(broken_copy(tmp_path, "bert_pretraining", lambda t: {
+        k: v for k, v in t.items() if "pooler" not in k}))
+
+
 def test_shape_mismatch_named(tmp_path):
   name = "lm_head.dense.weight"
   d = broken_copy(tmp_path, "roberta_mlm", lambda t: {**t, name: np.zeros((32, 31), np.float32)})

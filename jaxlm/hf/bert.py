@@ -95,8 +95,9 @@ def tensor_map(spec: _Spec, cfg: ModelConfig, arch: str) -> TensorMap:
     for jax, hf in spec.layer.items():
       add = tm.norm if jax.endswith("_norm") else tm.linear
       add(f"{hp}{spec.stack}.{i}.{hf}", f"{jp}layers.{i}.{jax}", bias=True)
-  if spec.pooler and arch in _WITH_POOLER:
-    tm.linear(f"{hp}pooler.dense", f"{jp}pooler", bias=True)
+  if spec.pooler and arch in _WITH_POOLER:  # a base model saved without one still loads
+    tm.linear(f"{hp}pooler.dense", f"{jp}pooler", bias=True,
+              optional=arch in ("BertModel", "RobertaModel"))
   if arch.endswith(("ForMaskedLM", "ForPreTraining")):
     transform, norm, decoder, bias = spec.mlm
     tm.linear(transform, "mlm.transform", bias=True)

@@ -58,6 +58,7 @@ class Rename:
   hf: str
   jax: str
   transpose: bool = False  # torch Linear weight <-> jaxlm kernel
+  optional: bool = False  # absent on import: left out, and the model initializes it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,15 +90,19 @@ class TensorMap:
     self.ignore = [re.compile(p) for p in ignore]
     self.legacy = [(re.compile(p), repl) for p, repl in legacy]
 
-  def rename(self, hf: str, jax: str, *, transpose: bool = False) -> TensorMap:
-    self.rules.append(Rename(hf, jax, transpose))
+  def rename(self, hf: str, jax: str, *, transpose: bool = False,
+             optional: bool = False) -> TensorMap:
+    self.rules.append(Rename(hf, jax, transpose, optional))
     return self
 
-  def linear(self, hf_prefix: str, jax_prefix: str, *, bias: bool) -> TensorMap:
-    """A torch Linear (weight [out, in] + optional bias) <-> a jaxlm Dense."""
-    self.rename(f"{hf_prefix}.weight", f"{jax_prefix}.kernel", transpose=True)
+  def linear(self, hf_prefix: str, jax_prefix: str, *, bias: bool,
+             optional: bool = False) -> TensorMap:
+    """A torch Linear (weight [out, in] + optional bias) <-> a jaxlm Dense. `optional`:
+    a checkpoint may lack it (a BertModel saved without its pooler)."""
+    self.rename(f"{hf_prefix}.weight", f"{jax_prefix}.kernel", transpose=True,
+                optional=optional)
     if bias:
-      self.rename(f"{hf_prefix}.bias", f"{jax_prefix}.bias")
+      self.rename(f"{hf_prefix}.bias", f"{jax_prefix}.bias", optional=optional)
     return self
 
   def norm(self, hf_prefix: str, jax_prefix: str, *, bias: bool) -> TensorMap:
@@ -172,6 +177,8 @@ class TensorMap:
       if isinstance(rule, Stacked):
         out[rule.jax] = _from_stacked(rule, [get(k) for k in rule.hf], expected, arch)
         continue
+      if isinstance(rule, Rename) and rule.optional and self._key(rule.hf) not in found:
+        continue  # from_pretrained initializes it and names it in a warning
       name, value = get(rule.hf)
       if isinstance(rule, Rename):
         want = expected.get(rule.jax)
