@@ -5,7 +5,7 @@
 Steps, each as configs/rag.py's docstring runs it, skipped when its output exists:
   1. the generator: gpt2_small.py:rag, pretrained on the train split only (runs/rag_lm);
   2. the index: --mode=index over the whole corpus, test-split scenes included
-     (runs/rag_index; BM25 over 48-token chunks);
+     (runs/rag_index; BM25 over 32-token chunks);
   3. SFT data (runs/rag_quotes/sft.jsonl): for lines of at least MIN_WORDS words, the first
      half (by words) is the question and the second half the response; the prompt is the
      Pipeline's own (the passages BM25 retrieves for the first half, fitted to the

@@ -19,7 +19,7 @@ Sections of the JSON document (stdout; progress on stderr):
   hnsw       faiss IndexHNSWFlat (M 32, efConstruction 80) on the same vectors: build time,
              recall@10 against the exact top-10 over 1,000 queries, and queries/s at batch
              64, for efSearch 16 / 64 / 256 / 1024.
-  embed      chunks/s of DenseRetriever.embed with the main job's BERT (runs/rag_bert/model
+  embed      chunks/s of DenseRetriever.embed with the main job's BERT (runs/default/model
              when it exists; else a randomly initialized BERT of configs/default.py's shape,
              which embeds at the same speed, and `model` says so) over the embedded corpus
              chunked to the encoder's 126 tokens with 16 of overlap, in f32 and bf16.
@@ -51,7 +51,7 @@ from run_cpu import machine_info
 
 from jaxlm.retrieval import DenseRetriever, ExactIndex, chunk_documents
 
-RAG_BERT = os.path.join(ROOT, "runs", "rag_bert", "model")
+RAG_BERT = os.path.join(ROOT, "runs", "default", "model")
 CORPUS_TOKENIZER = os.path.join(ROOT, "runs", "compress_teacher", "data")
 K, BATCH = 10, 64
 
@@ -230,12 +230,12 @@ def encoder_and_tokenizer(dtype: str):
   from jaxlm.experiment import model_config
   if os.path.isdir(RAG_BERT):
     return (from_pretrained(RAG_BERT, dtype=dtype), load_tokenizer(RAG_BERT),
-            f"runs/rag_bert/model (trained), compute {dtype}")
+            f"runs/default/model (trained), compute {dtype}")
   tok = load_tokenizer(CORPUS_TOKENIZER)
   cfg = model_config(default.get_config()).replace(architectures=["BertModel"],
                                                    vocab_size=tok.vocab_size)
   return (build_model(cfg, runtime=Runtime(dtype=dtype)), tok,
-          ("randomly initialized configs/default.py BERT (runs/rag_bert/model absent), "
+          ("randomly initialized configs/default.py BERT (runs/default/model absent), "
            f"corpus WordPiece tokenizer, compute {dtype}"))
 
 

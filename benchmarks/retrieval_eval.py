@@ -3,7 +3,7 @@ the main job's BERT mean-pooled (before contrastive training), the same BERT aft
 contrastive training (configs/retriever.py), and the hybrid of BM25 and the latter.
 
   python benchmarks/retrieval_eval.py --out benchmarks/results/retrieval-eval-20261205.json
-  python benchmarks/retrieval_eval.py --bert runs/rag_bert --workdir runs/rag_retriever
+  python benchmarks/retrieval_eval.py --bert runs/default --workdir runs/rag_retriever
 
 Steps, each as the CLI runs it, and skipped when its output already exists:
   1. the main job's BERT: configs/default.py into --bert (README command (1));
@@ -82,11 +82,12 @@ def recompute(bert: str, workdir: str, cfg) -> dict:
   trained_ids = trained.search(queries, 10)[0]
   search_s = time.perf_counter() - t0
   bm25 = BM25Retriever().index(passages)
-  mlm = dense(bert, "mean").index(passages)
+  mlm = dense(os.path.join(bert, "model"), "mean").index(passages)
   ranked = {"bm25": bm25.search(queries, 10)[0], "dense_mlm_mean": mlm.search(queries, 10)[0],
             "dense_contrastive": trained_ids,
             "hybrid": HybridRetriever(bm25, trained).search(queries, 10)[0],
-            "dense_mlm_cls": dense(bert, "cls").index(passages).search(queries, 10)[0],
+            "dense_mlm_cls": dense(os.path.join(bert, "model"), "cls").index(
+                passages).search(queries, 10)[0],
             "hybrid_bm25_mlm_mean": HybridRetriever(bm25, mlm).search(queries, 10)[0]}
   relevant = np.arange(len(queries))
   return {"queries": len(queries), "passages": len(passages), "ranked": ranked,
@@ -98,7 +99,7 @@ def recompute(bert: str, workdir: str, cfg) -> dict:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--bert", default="runs/rag_bert", help="main-job BERT workdir")
+  p.add_argument("--bert", default="runs/default", help="main-job BERT workdir")
   p.add_argument("--workdir", default="runs/rag_retriever", help="retriever workdir")
   p.add_argument("--out", default=None, help="also write the JSON here")
   a = p.parse_args()

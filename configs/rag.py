@@ -24,7 +24,7 @@ TEMPLATE = "Complete the line from the passages.\n{context}Line: {question}"
 
 def get_config(arg=None):
   c = experiment.base_config()
-  experiment.finetune_run(c, objective="sft", dataset="", steps=1500, learning_rate=1e-3,
+  experiment.finetune_run(c, objective="sft", dataset="", steps=3000, learning_rate=1e-3,
                           metric="loss", eval_every=500)
   c.model.init_from = "runs/rag_lm"
   c.model.update(dtype="float32")
@@ -33,8 +33,10 @@ def get_config(arg=None):
   c.eval.update(batch_size=64, max_batches=8)
   c.finetune.update(generate_max_new_tokens=24, generate_examples=200)
   c.generate.update(max_new_tokens=24, batch_size=32)
-  c.rag.update(retriever="bm25", tokenizer="runs/rag_lm", chunk_tokens=48, chunk_overlap=0,
-               generator="runs/rag_sft", template=TEMPLATE, k=3, stop="")
+  # Short chunks, two of them: the line is whole in a chunk (chunks end at line breaks),
+  # and short prompts pack two pairs a 256-token row.
+  c.rag.update(retriever="bm25", tokenizer="runs/rag_lm", chunk_tokens=32, chunk_overlap=0,
+               generator="runs/rag_sft", template=TEMPLATE, k=2, stop="")
   variants = set((arg or "").split(",")) - {""}
   if "sft" in variants:
     c.data.source = "runs/rag_quotes/sft.jsonl"
