@@ -77,8 +77,10 @@ def build_data(rag, data_dir: str, out_path: str, counts: dict[str, int]) -> dic
   return stats
 
 
-def score(rag, data_dir: str, n: int) -> dict:
+def score(rag, data_dir: str, n: int, lm=None, lm_tok=None) -> dict:
+  from jaxlm.data.pipeline import end_of_document_id
   from jaxlm.evals import text
+  from jaxlm.generate.text import complete
   lines = sample(quote_lines(data_dir, "test"), n, seed=2)
   firsts, seconds = zip(*(halves(x) for x in lines))
   out, examples = {}, []
@@ -92,9 +94,21 @@ def score(rag, data_dir: str, n: int) -> dict:
     examples.append(preds[:5])
   out["rougeL_ratio"] = out["with_retrieval"]["rougeL"] / max(
       out["without_retrieval"]["rougeL"], 1e-9)
+  if lm is not None:  # a second baseline: the pretrained LM continues the first half itself,
+    # cut to as many words as the first half has (the halves split a line by words)
+    raw = complete(lm, lm_tok, list(firsts), eos=end_of_document_id(lm_tok),
+                   max_new_tokens=rag.max_new_tokens, max_prompt=64, suffix="")
+    preds = [" ".join(r.split()[:len(f.split())]) for r, f in zip(raw, firsts)]
+    out["pretrained_lm_continuation"] = {
+        "exact_match": text.squad_scores(preds, list(seconds))["exact_match"],
+        "rougeL": text.rouge(preds, list(seconds), ("rougeL",))["rougeL"]}
+    lm_examples = preds[:5]
+  else:
+    lm_examples = [None] * 5
   out["test_lines"] = len(lines)
   out["examples"] = [{"first_half": firsts[i], "reference": seconds[i],
-                      "with_retrieval": examples[0][i], "without_retrieval": examples[1][i]}
+                      "with_retrieval": examples[0][i], "without_retrieval": examples[1][i],
+                      "pretrained_lm": lm_examples[i]}
                      for i in range(5)]
   return out
 
@@ -152,7 +166,9 @@ def main() -> None:
   gen = jaxlm.from_pretrained(os.path.join(a.sft, "model"))
   rag = Pipeline(retriever, gen, jaxlm.load_tokenizer(os.path.join(a.sft, "model")), template,
                  k=cfg.rag.k, max_new_tokens=cfg.generate.max_new_tokens)
-  out["quote_completion"] = score(rag, os.path.join(a.lm, "data"), a.test_lines)
+  lm_dir = os.path.join(a.lm, "model")
+  out["quote_completion"] = score(rag, os.path.join(a.lm, "data"), a.test_lines,
+                                 jaxlm.from_pretrained(lm_dir), jaxlm.load_tokenizer(lm_dir))
   out["acceptance"] = {"rag_rougeL_at_least_2x_no_retrieval":
                        out["quote_completion"]["rougeL_ratio"] >= 2.0}
   text = json.dumps(out, indent=2)
