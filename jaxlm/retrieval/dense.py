@@ -228,6 +228,12 @@ def _pool(graphdef, pooling: str, state, ids_BT, mask_BT):
   h_BTD = getattr(out, "last_hidden_state", None)
   if h_BTD is None:
     raise ConfigError("DenseRetriever: the encoder's output has no last_hidden_state")
+  return pool(h_BTD, mask_BT, pooling)
+
+
+def pool(h_BTD, mask_BT, pooling: str):
+  """L2-normalized float32 embeddings [B, D]: mean over real tokens, or the [CLS] state
+  (the contrastive task trains through this very function)."""
   h_BTD = h_BTD.astype(jnp.float32)
   if pooling == "cls":
     v_BD = h_BTD[:, 0]

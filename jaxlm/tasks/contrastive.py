@@ -38,6 +38,7 @@ from jaxlm.errors import ConfigError
 from jaxlm.evals.retrieval import retrieval_metrics
 from jaxlm.models import auto
 from jaxlm.pretrained import from_pretrained, resolve_dir
+from jaxlm.retrieval.dense import pool
 from jaxlm.tasks.base import Task, example_weights, fmt, mean_loss, register
 
 # Model classes the task starts from, and the bare encoder it trains, per model_type.
@@ -68,17 +69,6 @@ class Settings:
     return cls(float(c.temperature), c.pooling, int(c.query_max_len), int(c.min_query_tokens),
                float(c.keep_query_prob), int(c.group_size), bool(c.freeze_embeddings),
                cfg.model.init_from)
-
-
-def pool(h_BTD, mask_BT, pooling: str):
-  """L2-normalized float32 embeddings [B, D]: mean over real tokens, or the [CLS] state."""
-  h_BTD = h_BTD.astype(jnp.float32)
-  if pooling == "cls":
-    v_BD = h_BTD[:, 0]
-  else:
-    m_BT = mask_BT.astype(jnp.float32)
-    v_BD = (h_BTD * m_BT[..., None]).sum(1) / jnp.maximum(m_BT.sum(1), 1.0)[:, None]
-  return v_BD / jnp.maximum(jnp.linalg.norm(v_BD, axis=-1, keepdims=True), 1e-12)
 
 
 def embed(model, ids_BT, mask_BT, pooling: str, rngs=None):
