@@ -340,6 +340,7 @@ class _Trainer:
     if mfu > 1.0 and self.peak[1] == "measured" and not self.peak_rechecked:
       self.peak_rechecked = True
       fresh = analysis.measure_cpu()
+      analysis.remember_cpu_peak(fresh)  # the cache keeps the higher of the readings
       key = "peak_flops_f32" if self.model.runtime.dtype == "float32" else "peak_flops"
       self.peak = (max(self.peak[0], fresh[key] * jax.process_count()), "measured")
       mfu = tokens_per_s * self.flops_per_token / self.peak[0]
