@@ -24,8 +24,10 @@ from jaxlm.layers.position import alibi_slopes, apply_rope, rope_cos_sin, rope_i
 from jaxlm.models.decoder import segment_positions
 
 FAMILIES = ("gpt2", "llama", "llama3_scaling", "mistral", "bloom", "mpt", "gpt_neox",
-            "llama_sharded")
-LEGACY = ("llama", "llama3_scaling", "mistral", "gpt_neox")  # have config.legacy.json
+            "llama_sharded", "qwen2", "qwen2_tied")
+LEGACY = ("llama", "llama3_scaling", "mistral", "gpt_neox",
+          "qwen2", "qwen2_tied")  # have config.legacy.json
+QWEN2 = ("qwen2", "qwen2_tied")  # full attention, untied; all layers sliding (W=4), tied
 CASES = [(f, False) for f in FAMILIES] + [(f, True) for f in LEGACY]
 
 
@@ -200,6 +202,63 @@ def test_unsupported_rope_type_names_the_key(tmp_path):
       **c, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}})
   with pytest.raises(ConfigError, match="yarn"):
     jaxlm.from_pretrained(d)
+
+
+# ---- Qwen2 ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", QWEN2)
+def test_qwen2_greedy_matches_transformers_generate(loaded, name):
+  """transformers' greedy generate on a left-padded batch (make_generation.py)."""
+  from jaxlm.generate import generate
+  g = np.load(os.path.join(fixture(name), "generate.npz"))
+  got = generate(loaded[name], g["input_ids"], attention_mask=g["attention_mask"],
+                 max_new_tokens=int(g["max_new_tokens"]), eos_token_id=int(g["eos_token_id"]),
+                 pad_token_id=int(g["pad_token_id"]))
+  want = g["sequences"]
+  assert (g["attention_mask"][:, 0] == 0).any()  # left padding in the batch
+  assert g["stopped"].any() and not g["stopped"].all()
+  np.testing.assert_array_equal(got[:, :want.shape[1]], want)
+  assert (got[:, want.shape[1]:] == int(g["pad_token_id"])).all()
+
+
+@pytest.mark.parametrize("name", QWEN2)
+def test_qwen2_parameter_count_matches_transformers(loaded, name):
+  from jaxlm.params import flat_params
+  with open(os.path.join(fixture(""), "versions.json")) as f:
+    want = json.load(f)["families"][name]["num_parameters"]  # transformers' num_parameters()
+  assert sum(v.size for v in flat_params(loaded[name]).values()) == want
+
+
+def test_qwen2_biases_and_window_from_the_config(loaded):
+  full, tied = loaded["qwen2"].config, loaded["qwen2_tied"].config
+  assert (full.attention_bias, full.attention_out_bias, full.mlp_bias) == (True, False, False)
+  assert full.sliding_window is None and not full.tie_word_embeddings
+  assert tied.sliding_window == 4 and tied.tie_word_embeddings
+  assert (tied.num_attention_heads, tied.kv_heads, tied.head_size) == (6, 2, 8)
+
+
+def qwen2_config(edit):
+  return family_of("Qwen2ForCausalLM", "test").config_from_hf(
+      edit(read_hf_config(fixture("qwen2_tied"))))
+
+
+def test_qwen2_layer_types_derived_as_transformers_does():
+  """Without layer_types: sliding from layer max_window_layers on, if use_sliding_window."""
+  def drop(c, **kw):
+    return {**{k: v for k, v in c.items() if k != "layer_types"}, **kw}
+  assert qwen2_config(lambda c: drop(c)).sliding_window == 4  # max_window_layers 0
+  assert qwen2_config(lambda c: drop(c, max_window_layers=3)).sliding_window is None
+  assert qwen2_config(lambda c: drop(c, use_sliding_window=False)).sliding_window is None
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: {**c, "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]},
+    lambda c: {**{k: v for k, v in c.items() if k != "layer_types"}, "max_window_layers": 1}],
+    ids=["explicit", "from-max_window_layers"])
+def test_qwen2_mixed_layer_types_is_refused(tmp_path, edit):
+  with pytest.raises(DataError, match="layer_types.*not supported yet"):
+    qwen2_config(edit)
+  with pytest.raises(DataError, match="layer_types"):
+    jaxlm.from_pretrained(edited_copy(tmp_path, "qwen2_tied", edit_config=edit))
 
 
 # ---- sliding window ------------------------------------------------------------------------

@@ -197,7 +197,7 @@ ARCHITECTURES = {
     name: DecoderForCausalLM
     for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
                  "BloomForCausalLM", "MptForCausalLM", "GPTNeoXForCausalLM",
-                 "MixtralForCausalLM")
+                 "MixtralForCausalLM", "Qwen2ForCausalLM")
 }
 ARCHITECTURES.update({
     name: DecoderForSequenceClassification
