@@ -47,6 +47,20 @@ def config_from_hf(hf: dict) -> ModelConfig:
       **labels_from_hf(hf))
 
 
+def block_to_hf(cfg: ModelConfig, arch: str, model_type: str) -> dict:
+  """The config.json keys of a Llama-style block (Llama, Mistral, Qwen2)."""
+  return {
+      **common_to_hf(cfg, arch, model_type),
+      "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+      "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.kv_heads,
+      "head_dim": cfg.head_size, "intermediate_size": cfg.intermediate_size,
+      "hidden_act": cfg.hidden_act, "max_position_embeddings": cfg.max_position_embeddings,
+      "rms_norm_eps": cfg.layer_norm_eps,
+      "attention_dropout": cfg.attention_probs_dropout_prob,
+      "rope_parameters": rope_to_hf(cfg, with_partial=False),
+  }
+
+
 def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
   mistral = arch.startswith("Mistral")
   name = "Mistral" if mistral else "Llama"
@@ -59,16 +73,7 @@ def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
     expect(cfg, name, sliding_window=None)
   if cfg.attention_out_bias not in (None, cfg.attention_bias):
     expect(cfg, name, attention_out_bias=cfg.attention_bias)
-  out = {
-      **common_to_hf(cfg, arch, "mistral" if mistral else "llama"),
-      "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
-      "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.kv_heads,
-      "head_dim": cfg.head_size, "intermediate_size": cfg.intermediate_size,
-      "hidden_act": cfg.hidden_act, "max_position_embeddings": cfg.max_position_embeddings,
-      "rms_norm_eps": cfg.layer_norm_eps,
-      "attention_dropout": cfg.attention_probs_dropout_prob,
-      "rope_parameters": rope_to_hf(cfg, with_partial=False), **labels_to_hf(cfg),
-  }
+  out = {**block_to_hf(cfg, arch, "mistral" if mistral else "llama"), **labels_to_hf(cfg)}
   if mistral:
     out["sliding_window"] = cfg.sliding_window
   else:

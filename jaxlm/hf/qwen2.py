@@ -10,8 +10,7 @@ from __future__ import annotations
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError, DataError
 from jaxlm.hf import llama
-from jaxlm.hf.common import (TensorMap, common_to_hf, expect, map_family, rope_from_hf,
-                             rope_to_hf, special_tokens_from_hf)
+from jaxlm.hf.common import TensorMap, expect, map_family, rope_from_hf, special_tokens_from_hf
 
 _CLASSES = ("Qwen2ForCausalLM",)
 _FULL, _SLIDING = "full_attention", "sliding_attention"
@@ -74,14 +73,7 @@ def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
          mlp_bias=False)
   window = cfg.sliding_window
   return {
-      **common_to_hf(cfg, arch, "qwen2"),
-      "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
-      "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.kv_heads,
-      "head_dim": cfg.head_size, "intermediate_size": cfg.intermediate_size,
-      "hidden_act": cfg.hidden_act, "max_position_embeddings": cfg.max_position_embeddings,
-      "rms_norm_eps": cfg.layer_norm_eps,
-      "attention_dropout": cfg.attention_probs_dropout_prob,
-      "rope_parameters": rope_to_hf(cfg, with_partial=False),
+      **llama.block_to_hf(cfg, arch, "qwen2"),
       "use_sliding_window": window is not None, "sliding_window": window,
       "layer_types": [_FULL if window is None else _SLIDING] * cfg.num_hidden_layers,
   }
