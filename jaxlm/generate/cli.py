@@ -67,22 +67,31 @@ def load(cfg, workdir: str):
   if not os.path.isdir(directory):
     raise ConfigError(f"--workdir {workdir} has no exported model ({directory}); train "
                       "first, or set --config.model.init_from=DIR")
-  model = from_pretrained(directory, runtime=experiment.runtime(cfg))
-  check_model(model)
   g = cfg.generate
-  if g.quantize:
-    from jaxlm.compress.quantize import quantize  # only when asked
-    try:
-      model = quantize(model, g.quantize, g.quantize_group_size)
-    except ConfigError as e:
-      raise ConfigError(f"generate.quantize={g.quantize!r} "
-                        f"(generate.quantize_group_size={g.quantize_group_size}): {e}") from None
-  names = os.listdir(directory)
-  if not any(n in ("tokenizer.json", "vocab.txt") or n.endswith(".model") for n in names):
-    raise DataError(f"--mode=generate: no tokenizer in {directory} (tokenizer.json, "
-                    "*.model or vocab.txt)")
-  tok = Tokenizer.load(directory)  # a broken one is its own one-line error
+  model, tok = open_model(directory, runtime=experiment.runtime(cfg), quantize=g.quantize,
+                          group_size=g.quantize_group_size, flag="generate.quantize")
   return model, tok, directory
+
+
+def open_model(directory: str, *, runtime=None, quantize: str | None = None,
+               group_size: int = 128, flag: str = "quantize"):
+  """(a generating model, its tokenizer) from an HF or jaxlm directory; `quantize`
+  (int8|int4|bf16) quantizes the weights after loading. `flag` names the option in
+  errors."""
+  model = from_pretrained(directory, runtime=runtime)
+  check_model(model)
+  if quantize:
+    from jaxlm.compress.quantize import quantize as quantize_model  # only when asked
+    try:
+      model = quantize_model(model, quantize, group_size)
+    except ConfigError as e:
+      raise ConfigError(f"{flag}={quantize!r} ({flag}_group_size={group_size}): {e}") from None
+  names = os.listdir(directory)
+  if not any(n in ("tokenizer.json", "vocab.txt", "vocab.json") or n.endswith(".model")
+             for n in names):
+    raise DataError(f"no tokenizer in {directory} (tokenizer.json, *.model, vocab.txt or "
+                    "vocab.json + merges.txt)")
+  return model, Tokenizer.load(directory)  # a broken one is its own one-line error
 
 
 def _encode(tok: Tokenizer, texts: Iterable[str]) -> list[list[int]]:

@@ -10,6 +10,9 @@ column t lands in slot t % S. With S = the whole sequence nothing is overwritten
 sliding-window model (Mistral) sizes S to its window, and a new column replaces one that
 no later query can see (positions W apart), so memory stays at `window` slots however
 long the output grows.
+
+A serving engine (jaxlm/serve) gives each row its own `index` ([B], `per_row`): rows then
+hold unrelated requests that started at different times, and `put_row` swaps one in.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ class KVCache:
   k: jax.Array  # [B, S, K, H]
   v: jax.Array  # [B, S, K, H]
   pos: jax.Array  # [B, S] int32: position of each slot's token; -1 = empty or padding
-  index: jax.Array  # [] int32: columns written so far
+  index: jax.Array  # [] int32: columns written so far ([B] after per_row)
 
   @classmethod
   def init(cls, batch_size: int, size: int, num_kv_heads: int, head_dim: int,
@@ -44,6 +47,14 @@ class KVCache:
   def write(self, k_BTKH, v_BTKH, pos_BT) -> KVCache:
     """Appends T columns (positions pos_BT, -1 for padding); returns the new cache."""
     T, S = k_BTKH.shape[1], self.size
+    if T == 1 and self.index.ndim:  # each row at its own column
+      rows_B, slot_B = jnp.arange(self.k.shape[0]), self.index % S
+      put = lambda buf, new: buf.at[rows_B, slot_B].set(new[:, 0].astype(buf.dtype))
+      return KVCache(put(self.k, k_BTKH), put(self.v, v_BTKH), put(self.pos, pos_BT),
+                     self.index + 1)
+    if self.index.ndim:
+      raise ValueError("a per-row KVCache takes one column at a time; prefill a fresh "
+                       "cache and put_row it")
     if T == 1:  # decoding: one in-place slice update
       slot = self.index % S
       upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
@@ -55,6 +66,18 @@ class KVCache:
     return KVCache(self.k.at[:, slots].set(k_BTKH[:, T - keep:].astype(self.k.dtype)),
                    self.v.at[:, slots].set(v_BTKH[:, T - keep:].astype(self.v.dtype)),
                    self.pos.at[:, slots].set(pos_BT[:, T - keep:]), self.index + T)
+
+
+  def per_row(self) -> KVCache:
+    """The same cache with a write column per row."""
+    return self.replace(index=jnp.broadcast_to(self.index, self.pos.shape[:1]))
+
+  def put_row(self, row, other: KVCache) -> KVCache:
+    """Row `row` replaced by `other`'s only row (a prefilled one-row cache of this size)."""
+    put = lambda buf, new: jax.lax.dynamic_update_index_in_dim(buf, new[0].astype(buf.dtype),
+                                                               row, 0)
+    return KVCache(put(self.k, other.k), put(self.v, other.v), put(self.pos, other.pos),
+                   self.index.at[row].set(other.index))
 
 
 def cached_mask(q_pos_BT, k_pos_BS, *, causal: bool, window: int | None):
