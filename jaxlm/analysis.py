@@ -22,9 +22,9 @@ Training FLOPs per token (MaxText's `calculate_tflops_training_per_device` accou
     plus D*V for the LM-head / vocabulary projection (counted whether tied or not).
     Biases, norms and the small task heads (pooler, MLM transform, NSP) are left out.
     6 = 2 (multiply-add) x 3 (forward + two backward matmuls).
-  * attention: 12 x L x T_eff x Hq x hd (QK^T and PV, forward + backward), halved for
-    causal self-attention (the masked upper triangle is not counted), where
-    T_eff = min(T, sliding_window).
+  * attention: 12 x T_eff x Hq x hd per layer (QK^T and PV, forward + backward), halved
+    for causal self-attention (the masked upper triangle is not counted), where
+    T_eff = min(T, the layer's window) (Gemma 2 alternates windowed and full layers).
   * T5 (encoder-decoder): encoder and decoder lengths are both T, FLOPs are per target
     token: encoder layers (bidirectional attention) + decoder layers with causal self-
     attention and a bidirectional cross-attention (its q/k/v/o matmuls counted too).
@@ -55,7 +55,8 @@ Training memory per device
 Inference memory
   * weights: total parameters x 4 / 2 / 1 bytes (f32 / bf16 / int8).
   * KV cache: 2 x L_dec x Hkv x hd x bytes per token, and at the full context
-    (max_position_embeddings, or the sliding window when smaller: a ring buffer).
+    (max_position_embeddings), where a layer with a smaller sliding window holds only
+    the window (a ring buffer).
 
 Roofline
   * step time >= max(FLOPs / peak FLOP/s, HBM bytes / bandwidth) per device; the bytes
@@ -172,7 +173,8 @@ def closed_form_params(mc: ModelConfig) -> dict[str, int]:
     L = mc.num_hidden_layers
     position = mc.max_position_embeddings * D if mc.position_embedding_type == "absolute" else 0
     embedding = V * D + position
-    total = embedding + L * (_attention(mc) + mlp + 2 * _norm(mc)) + lm_head
+    norms = 4 if mc.sandwich_norm else 2  # sandwich: the sublayer outputs are normed too
+    total = embedding + L * (_attention(mc) + mlp + norms * _norm(mc)) + lm_head
     total += _norm(mc) if mc.embedding_norm else 0
     total += _norm(mc) if mc.norm_position == "pre" else 0
     expert *= L
@@ -229,6 +231,9 @@ def training_flops_per_token(mc: ModelConfig, seq_len: int,
     ffn = ffn * k + D * E  # top-k experts plus the router
   T_eff = min(seq_len, mc.sliding_window or seq_len)
   attn_one = 12 * T_eff * Hq * hd  # QK^T + PV, forward and backward, one layer
+  if arch_of(mc) not in _SEQ2SEQ:  # each layer its own window (the mean over layers)
+    windows = mc.layer_windows()
+    attn_one = 12 * Hq * hd * sum(min(seq_len, w or seq_len) for w in windows) / len(windows)
   if arch_of(mc) in _SEQ2SEQ:
     Le, Ld = mc.num_hidden_layers, mc.decoder_layers
     weights = Le * (qkv + proj + ffn) + Ld * (2 * (qkv + proj) + ffn) + head_fraction * D * V
@@ -309,11 +314,14 @@ def kv_cache_bytes_per_token(mc: ModelConfig, dtype_bytes: int) -> int:
 
 
 def inference_memory(mc: ModelConfig, total_params: int, kv_dtype: str = "float32") -> dict:
-  context = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
+  full = mc.max_position_embeddings
   per_token = kv_cache_bytes_per_token(mc, DTYPE_BYTES[kv_dtype])
+  # Slots each decoder layer keeps at the full context (a window: a ring buffer).
+  slots = ([full] * mc.decoder_layers if arch_of(mc) in _SEQ2SEQ
+           else [min(full, w or full) for w in mc.layer_windows()])
   return dict(weights={k: total_params * DTYPE_BYTES[k] for k in ("float32", "bfloat16", "int8")},
-              kv_dtype=kv_dtype, kv_per_token=per_token, context=context,
-              kv_at_context=per_token * context)
+              kv_dtype=kv_dtype, kv_per_token=per_token, context=max(slots),
+              kv_at_context=per_token * sum(slots) // len(slots))
 
 
 # ---- devices and roofline --------------------------------------------------------------

@@ -34,6 +34,7 @@ LEGACY_RUNTIME_KEYS = frozenset({"dtype", "attention_impl", "attention_backend",
 EXPORT_MARKER = "jaxlm_export"
 
 _DTYPES = ("float32", "bfloat16", "float16")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # ModelConfig.layer_types entries
 _CHOICES = {
     "norm_type": ("layernorm", "rmsnorm"),
     "norm_position": ("post", "pre"),
@@ -117,7 +118,22 @@ class ModelConfig:
   attention_bias: bool = True  # q/k/v projection biases
   attention_out_bias: bool | None = None  # output projection bias (None: attention_bias)
   parallel_residual: bool = False  # x + attn(ln1 x) + mlp(ln2 x) (GPT-NeoX)
+  # pre-LN plus a norm on each sublayer's output before the residual add (Gemma 2):
+  # x = x + norm(attn(norm x)); x = x + norm(ff(norm x))
+  sandwich_norm: bool = False
+  # RMSNorm multiplies by (norm_scale_offset + scale): Gemma stores scale - 1 (offset 1.0)
+  norm_scale_offset: float = 0.0
+  scale_embeddings: bool = False  # token embeddings times sqrt(hidden_size) (Gemma)
   sliding_window: int | None = None  # attend iff 0 <= i - j < sliding_window
+  # Which layers use sliding_window, as HF spells it: "sliding_attention" |
+  # "full_attention" per layer (Gemma 2 alternates them). None: every layer uses
+  # sliding_window (if set).
+  layer_types: list[str] | None = None
+  # Logits scale 1/sqrt(query_pre_attn_scalar) (Gemma 2); None: 1/sqrt(head_dim)
+  query_pre_attn_scalar: float | None = None
+  # cap * tanh(x / cap) on the scaled attention logits / the LM head's logits (Gemma 2)
+  attn_logit_softcapping: float | None = None
+  final_logit_softcapping: float | None = None
 
   # ---- positions ------------------------------------------------------------------
   # "relative": T5's bucketed relative-position logits bias (encoder-decoder models)
@@ -212,6 +228,7 @@ class ModelConfig:
         raise ConfigError(f"model.{name} must be one of {choices}, got {getattr(self, name)!r}")
     if self.sliding_window is not None and self.sliding_window <= 0:
       raise ConfigError(f"model.sliding_window must be positive, got {self.sliding_window}")
+    self._validate_block_options()
     if not 0.0 < self.partial_rotary_factor <= 1.0:
       raise ConfigError(
           f"model.partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
@@ -240,6 +257,37 @@ class ModelConfig:
       raise ConfigError(
           f"model.moe_capacity_factor must be positive (or None: dropless), "
           f"got {self.moe_capacity_factor}")
+
+  def _validate_block_options(self) -> None:
+    """The per-layer attention pattern, soft-capping, scales and the sandwich norm."""
+    types = self.layer_types
+    if types is not None:
+      if (not isinstance(types, (list, tuple)) or len(types) != self.num_hidden_layers
+          or not set(types) <= set(LAYER_TYPES)):
+        raise ConfigError(f"model.layer_types must list one of {LAYER_TYPES} for each of the "
+                          f"{self.num_hidden_layers} layers, got {types!r}")
+      if "sliding_attention" in types and self.sliding_window is None:
+        raise ConfigError("model.layer_types has sliding_attention layers but "
+                          "model.sliding_window is None")
+      self.layer_types = list(types)  # a tuple from a ConfigDict: one spelling, one hash
+    for name in ("query_pre_attn_scalar", "attn_logit_softcapping",
+                 "final_logit_softcapping"):
+      value = getattr(self, name)
+      if value is not None and not value > 0:
+        raise ConfigError(f"model.{name} must be positive or None, got {value!r}")
+    if self.norm_scale_offset and self.norm_type != "rmsnorm":
+      raise ConfigError("model.norm_scale_offset needs model.norm_type='rmsnorm', got "
+                        f"{self.norm_type!r}")
+    if self.sandwich_norm and (self.norm_position != "pre" or self.parallel_residual):
+      raise ConfigError("model.sandwich_norm needs model.norm_position='pre' and no "
+                        "model.parallel_residual")
+
+  def layer_windows(self) -> list[int | None]:
+    """Each layer's attention window (None: full attention)."""
+    if self.layer_types is None:
+      return [self.sliding_window] * self.num_hidden_layers
+    return [self.sliding_window if t == "sliding_attention" else None
+            for t in self.layer_types]
 
   def _validate_labels(self) -> None:
     n = self.num_labels

@@ -101,3 +101,8 @@ def test_impl_switch_errors_and_auto():
   auto.build_abstract_model(cfg, runtime=Runtime(attention_impl="auto"))  # falls back to xla
   with pytest.raises(ConfigError, match="model.attention_impl must be one of"):
     Runtime(attention_impl="flash")
+  # cuDNN has no logit soft-capping (Gemma 2): auto takes our kernel, an explicit choice fails.
+  assert resolve_impl("auto", softcap=True, dtype=jnp.bfloat16, platform="gpu") == "pallas"
+  assert resolve_impl("auto", softcap=True, dtype=jnp.float32, platform="gpu") == "xla"
+  with pytest.raises(ConfigError, match="attn_logit_softcapping"):
+    resolve_impl("cudnn", softcap=True, dtype=jnp.bfloat16, platform="gpu")

@@ -21,11 +21,13 @@ from jaxlm.models import auto
 from jaxlm.train import loop
 from jaxlm.train.evaluator import Evaluator
 
-from configs import bert_tiny, bloom_tiny, gpt2_small, llama_1b, mistral_7b, mixtral_8x7b
+from configs import (bert_tiny, bloom_tiny, gemma2_2b, gemma_2b, gpt2_small, llama_1b, mistral_7b,
+                     mixtral_8x7b)
 from conftest import quiet
 
 TINY_DECODERS = {"gpt2_small": gpt2_small, "llama_1b": llama_1b, "mistral_7b": mistral_7b,
-                 "bloom_tiny": bloom_tiny, "mixtral_8x7b": mixtral_8x7b}
+                 "bloom_tiny": bloom_tiny, "mixtral_8x7b": mixtral_8x7b, "gemma_2b": gemma_2b,
+                 "gemma2_2b": gemma2_2b}
 WORDS = "the king queen sword crown night storm ghost blood honour love death".split()
 
 
@@ -193,7 +195,9 @@ def test_full_size_configs_validate_and_build_abstractly(name):
   n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   expected = {"gpt2_small": 92e6, "llama_1b": 0.99e9, "mistral_7b": 7.05e9,
               "bloom_tiny": 5.3e6,  # with an 8192-token vocabulary
-              "mixtral_8x7b": 46.5078e9}[name]  # 46,702,792,704 with its 32000 tokens
+              "mixtral_8x7b": 46.5078e9,  # 46,702,792,704 with its 32000 tokens
+              # 2,506,172,416 and 2,614,341,888 with Gemma's 256000 tokens
+              "gemma_2b": 1.9987e9, "gemma2_2b": 2.0434e9}[name]
   assert abs(n / expected - 1) < 0.01, n
 
 

@@ -37,6 +37,11 @@ def test_reads_hugging_face_bert_config(tmp_path):
     (dict(vocab_size=-5), "model.vocab_size"),
     (dict(hidden_dropout_prob=1.5), "model.hidden_dropout_prob"),
     (dict(num_key_value_heads=5), "model.num_key_value_heads"),
+    (dict(num_hidden_layers=2, layer_types=["full_attention"]), "model.layer_types"),
+    (dict(num_hidden_layers=1, layer_types=["sliding_attention"]), "model.sliding_window is None"),
+    (dict(attn_logit_softcapping=0.0), "model.attn_logit_softcapping"),
+    (dict(norm_scale_offset=1.0), "model.norm_scale_offset needs"),
+    (dict(sandwich_norm=True), "model.sandwich_norm needs"),
 ])
 def test_validation_names_the_key(kwargs, needle):
   with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):

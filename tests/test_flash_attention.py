@@ -136,6 +136,28 @@ def test_matches_reference(name):
   assert (~rows).any() == (name in EMPTY_ROW_CASES)
 
 
+def test_logit_soft_cap_matches_reference():
+  """cap * tanh(s / cap) inside the kernel, forward and backward (Gemma 2), with GQA, a
+  window and ALiBi added after the cap; large logits so that the cap bites."""
+  B, T, Hq, Hkv, D, cap = 1, 48, 4, 2, 32, 3.0
+  kq, kk, kv, kw = jax.random.split(jax.random.key(1), 4)
+  q = 4.0 * jax.random.normal(kq, (B, T, Hq, D))
+  k, v = (jax.random.normal(x, (B, T, Hkv, D)) for x in (kk, kv))
+  w = jax.random.normal(kw, (B, T, Hq, D))
+  ours = functools.partial(flash_attention, causal=True, sliding_window=16,
+                           alibi_slopes=alibi_slopes(Hq), logits_soft_cap=cap, block_q=16,
+                           block_k=16)
+  got = jax.jit(functools.partial(_out_and_grads, ours))(q, k, v, w)
+  bias = alibi_bias(jnp.arange(T)[None], Hq)
+  for c in (cap, None):  # the reference without its cap must not match
+    ref = functools.partial(dot_product_attention, mask=causal_mask(T, T, window=16),
+                            bias=bias, softcap=c)
+    want = jax.jit(functools.partial(_out_and_grads, ref))(q, k, v, w)
+    errs = [float(jnp.max(jnp.abs(a - b)) / max(1.0, float(jnp.max(jnp.abs(b)))))
+            for a, b in zip((got[0], *got[1]), (want[0], *want[1]))]
+    assert max(errs) <= TOL[jnp.float32] if c else min(errs) > 0.1, errs
+
+
 def _expected_visits(cfg, Tq, Tk, G):
   """Brute force over positions: per program, (#blocks with a visible pair, #masked)."""
   off = Tk - Tq
@@ -208,6 +230,8 @@ def test_bad_arguments_raise():
     flash_attention(q, q, q, alibi_slopes=jnp.ones(3))
   with pytest.raises(ValueError, match="power of two"):
     flash_attention(q, q, q, block_q=24)
+  with pytest.raises(ValueError, match="logits_soft_cap"):
+    flash_attention(q, q, q, logits_soft_cap=0.0)
 
 
 @pytest.mark.parametrize("platform,D,dtype", [("cuda", 64, jnp.bfloat16), ("cuda", 80, jnp.float32),
@@ -239,7 +263,7 @@ def _export_and_count(platform, D, dtype):
 
   def loss(q, k, v, seg, slopes):
     out = flash_attention_with(q, k, v, causal=True, sliding_window=64, segment_ids=seg,
-                               alibi_slopes=slopes, backend=backend)
+                               alibi_slopes=slopes, logits_soft_cap=30.0, backend=backend)
     return jnp.sum(out.astype(jnp.float32))
 
   sds = jax.ShapeDtypeStruct

@@ -1,6 +1,7 @@
-"""Decoder families (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX) against transformers'
-outputs on the tiny fixtures (tests/fixtures/hf), HF-format round trips, the position
-encodings (RoPE, ALiBi), sliding windows, packed sequences and named errors."""
+"""Decoder families (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX, Qwen2, Gemma, Gemma 2)
+against transformers' outputs on the tiny fixtures (tests/fixtures/hf), HF-format round
+trips, greedy generation, the position encodings (RoPE, ALiBi), sliding windows, packed
+sequences and named errors."""
 
 import json
 import math
@@ -24,10 +25,13 @@ from jaxlm.layers.position import alibi_slopes, apply_rope, rope_cos_sin, rope_i
 from jaxlm.models.decoder import segment_positions
 
 FAMILIES = ("gpt2", "llama", "llama3_scaling", "mistral", "bloom", "mpt", "gpt_neox",
-            "llama_sharded", "qwen2", "qwen2_tied")
-LEGACY = ("llama", "llama3_scaling", "mistral", "gpt_neox",
-          "qwen2", "qwen2_tied")  # have config.legacy.json
+            "llama_sharded", "qwen2", "qwen2_tied", "gemma", "gemma_b", "gemma2", "gemma2_b")
+LEGACY = ("llama", "llama3_scaling", "mistral", "gpt_neox", "qwen2", "qwen2_tied",
+          "gemma", "gemma_b", "gemma2", "gemma2_b")  # have config.legacy.json
 QWEN2 = ("qwen2", "qwen2_tied")  # full attention, untied; all layers sliding (W=4), tied
+# tied, MQA, legacy "gelu"; biases, untied; sliding/full/sliding W=4 with both soft caps;
+# full/sliding/full W=6, final cap only, untied (more in test_hf_gemma.py)
+GEMMA = ("gemma", "gemma_b", "gemma2", "gemma2_b")
 CASES = [(f, False) for f in FAMILIES] + [(f, True) for f in LEGACY]
 
 
@@ -204,9 +208,9 @@ def test_unsupported_rope_type_names_the_key(tmp_path):
     jaxlm.from_pretrained(d)
 
 
-# ---- Qwen2 ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", QWEN2)
-def test_qwen2_greedy_matches_transformers_generate(loaded, name):
+# ---- zoo III: generation and parameter counts ------------------------------------------------
+@pytest.mark.parametrize("name", QWEN2 + GEMMA)
+def test_greedy_matches_transformers_generate(loaded, name):
   """transformers' greedy generate on a left-padded batch (make_generation.py)."""
   from jaxlm.generate import generate
   g = np.load(os.path.join(fixture(name), "generate.npz"))
@@ -220,14 +224,15 @@ def test_qwen2_greedy_matches_transformers_generate(loaded, name):
   assert (got[:, want.shape[1]:] == int(g["pad_token_id"])).all()
 
 
-@pytest.mark.parametrize("name", QWEN2)
-def test_qwen2_parameter_count_matches_transformers(loaded, name):
+@pytest.mark.parametrize("name", QWEN2 + GEMMA)
+def test_parameter_count_matches_transformers(loaded, name):
   from jaxlm.params import flat_params
   with open(os.path.join(fixture(""), "versions.json")) as f:
     want = json.load(f)["families"][name]["num_parameters"]  # transformers' num_parameters()
   assert sum(v.size for v in flat_params(loaded[name]).values()) == want
 
 
+# ---- Qwen2 ---------------------------------------------------------------------------------
 def test_qwen2_biases_and_window_from_the_config(loaded):
   full, tied = loaded["qwen2"].config, loaded["qwen2_tied"].config
   assert (full.attention_bias, full.attention_out_bias, full.mlp_bias) == (True, False, False)

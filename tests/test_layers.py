@@ -31,6 +31,24 @@ def test_grouped_attention_matches_repeated_kv():
                              reference_attention(q, k, v, mask), atol=1e-5)
 
 
+def test_rmsnorm_scale_offset_and_embedding_scale():
+  """Gemma's pieces: x / rms(x) * (1 + w) in float32, starting at the identity scale; and
+  embeddings times sqrt(D) with the constant rounded to the compute dtype first."""
+  from jaxlm.layers.embed import Embed
+  from jaxlm.layers.norm import RMSNorm
+  x = jax.random.normal(jax.random.key(0), (2, 3, 8)).astype(jnp.bfloat16)
+  plain, gemma = RMSNorm(8), RMSNorm(8, scale_offset=1.0)
+  np.testing.assert_array_equal(gemma(x), plain(x))  # init: w = 0, so (1 + w) = 1
+  gemma.scale[...] = jnp.full((8,), 0.5)
+  assert gemma(x).dtype == jnp.float32
+  np.testing.assert_allclose(gemma(x), 1.5 * plain(x), rtol=1e-6)
+  emb = Embed(10, 3072, scale=3072 ** 0.5, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  table = emb.embedding[...]
+  np.testing.assert_array_equal(emb(jnp.array([1])), table[1:2] * 55.5)  # bf16(55.43)
+  emb.dtype = jnp.float32
+  np.testing.assert_allclose(emb(jnp.array([1])), table[1:2] * 3072 ** 0.5, rtol=1e-6)
+
+
 def test_sliding_window_mask():
   m = np.asarray(causal_mask(6, 6, window=3))[0, 0]
   i, j = np.nonzero(m)

@@ -57,6 +57,29 @@ def test_matches_autodiff_of_plain_logits(monkeypatch, vocab_major, with_bias, c
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("vocab_major", [True, False])
+def test_final_logit_soft_cap_matches_autodiff(vocab_major):
+  """Gemma 2's cap * tanh(logits / cap), in the fused loss and its gradient."""
+  h, w, bias, targets, weights = _inputs(vocab_major=vocab_major)
+  h, cap = 3.0 * h, 2.0  # logits well beyond the cap
+
+  def fused(h, w):
+    return cross_entropy_sums(Projection(h, w, bias, vocab_major=vocab_major, softcap=cap),
+                              targets, weights)[0]
+
+  def ref(h, w):
+    logits = cap * jnp.tanh((h @ (w.T if vocab_major else w) + bias) / cap)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+    return (nll * weights).sum()
+
+  proj = Projection(h, w, bias, vocab_major=vocab_major, softcap=cap)
+  assert float(jnp.abs(proj.logits()).max()) < cap
+  (loss, g), (loss_r, g_r) = (jax.jit(jax.value_and_grad(f, (0, 1)))(h, w) for f in (fused, ref))
+  np.testing.assert_allclose(loss, loss_r, rtol=1e-5)
+  for a, b in zip(g, g_r):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_bf16_close_to_f32_and_logits_agree():
   h, w, bias, targets, weights = _inputs(D=64, V=300)
   p32 = Projection(h, w, bias)

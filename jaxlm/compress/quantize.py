@@ -45,7 +45,8 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.errors import ConfigError, DataError
-from jaxlm.layers.embed import Embed
+from jaxlm.layers.activations import softcap
+from jaxlm.layers.embed import Embed, scaled
 from jaxlm.layers.linear import Dense
 from jaxlm.params import path_name
 
@@ -314,10 +315,12 @@ class QuantProjection:
   bias: Any = None
   vocab_major: bool = flax.struct.field(pytree_node=False, default=True)
   dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)
+  softcap: float | None = flax.struct.field(pytree_node=False, default=None)
 
   def logits(self):
     out = qmatmul(self.h, self.arrays, self.spec, self.dtype)
-    return out if self.bias is None else out + self.bias.astype(jnp.float32)
+    out = out if self.bias is None else out + self.bias.astype(jnp.float32)
+    return softcap(out, self.softcap)
 
   @property
   def w(self):
@@ -369,15 +372,18 @@ class QuantEmbed(_Quantized):
   same arrays serve the tied head (h @ E^T, scales per vocabulary row) and the lookup
   (one column per token)."""
 
-  def __init__(self, arrays: dict, spec: QuantSpec, *, dtype=jnp.float32):
+  def __init__(self, arrays: dict, spec: QuantSpec, *, dtype=jnp.float32,
+               scale: float | None = None):
     self._set_arrays(arrays, spec, dtype)
+    self.scale = scale  # Embed's (Gemma: sqrt(D))
 
   @classmethod
   def from_embed(cls, embed: Embed, spec: QuantSpec) -> QuantEmbed:
-    return cls(quantize_weight(embed.embedding[...].T, spec), spec, dtype=embed.dtype)
+    return cls(quantize_weight(embed.embedding[...].T, spec), spec, dtype=embed.dtype,
+               scale=embed.scale)
 
   def __call__(self, ids):
-    return gather_columns(self.arrays(), self.spec, ids)
+    return scaled(gather_columns(self.arrays(), self.spec, ids), self.scale, self.dtype)
 
   def projection(self, x_BTD) -> QuantProjection:
     return QuantProjection(x_BTD, self.arrays(), self.spec, vocab_major=True, dtype=self.dtype)

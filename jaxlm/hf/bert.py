@@ -29,7 +29,8 @@ import functools
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.hf.common import TensorMap, labels_from_hf, labels_to_hf, map_family
+from jaxlm.hf.common import (TensorMap, check_optional_fields, labels_from_hf, labels_to_hf,
+                             map_family)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +185,7 @@ def _check_expressible(spec: _Spec, cfg: ModelConfig) -> None:
     key, value = next(iter(bad.items()))
     raise ConfigError(f"model.{key}={value!r} cannot be saved as a Hugging Face "
                       f"{spec.model_type} checkpoint (transformers has no such option)")
+  check_optional_fields(cfg, spec.model_type)
 
 
 def config_to_hf(spec: _Spec, cfg: ModelConfig, arch: str) -> dict:

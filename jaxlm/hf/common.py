@@ -391,12 +391,30 @@ def labels_to_hf(cfg: ModelConfig) -> dict:
   return out
 
 
-def common_to_hf(cfg: ModelConfig, arch: str, model_type: str, *, moe: bool = False) -> dict:
+# ModelConfig options that only some Hugging Face classes have, at their "off" values.
+# An export refuses any other value, naming the field, unless the family lists it in
+# `features`; save_pretrained then writes a jaxlm export instead of dropping it.
+OPTIONAL_FIELDS = dict(sandwich_norm=False, norm_scale_offset=0.0, scale_embeddings=False,
+                       layer_types=None, query_pre_attn_scalar=None,
+                       attn_logit_softcapping=None, final_logit_softcapping=None)
+
+
+def check_optional_fields(cfg: ModelConfig, arch: str, features=()) -> None:
+  for name, off in OPTIONAL_FIELDS.items():
+    if name not in features and getattr(cfg, name) != off:
+      raise ConfigError(f"model.{name}={getattr(cfg, name)!r} cannot be saved as {arch} "
+                        "(the Hugging Face class has no such option)")
+
+
+def common_to_hf(cfg: ModelConfig, arch: str, model_type: str, *, moe: bool = False,
+                 features=()) -> dict:
   """The keys every family's config.json carries. A model with MoE layers is refused
-  unless the family has them (`moe`), so save_pretrained falls back to a jaxlm export."""
+  unless the family has them (`moe`), as is any OPTIONAL_FIELDS option the family does not
+  list in `features`, so save_pretrained falls back to a jaxlm export."""
   if cfg.num_local_experts and not moe:
     raise ConfigError(f"model.num_local_experts={cfg.num_local_experts} cannot be saved as "
                       f"{arch} (the Hugging Face class has no mixture of experts)")
+  check_optional_fields(cfg, arch, features)
   return {
       "architectures": [arch],
       "model_type": model_type,

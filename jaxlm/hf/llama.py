@@ -47,10 +47,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
       **labels_from_hf(hf))
 
 
-def block_to_hf(cfg: ModelConfig, arch: str, model_type: str) -> dict:
-  """The config.json keys of a Llama-style block (Llama, Mistral, Qwen2)."""
+def block_to_hf(cfg: ModelConfig, arch: str, model_type: str, features=()) -> dict:
+  """The config.json keys of a Llama-style block (Llama, Mistral, Qwen2, Gemma);
+  `features`: the common.OPTIONAL_FIELDS the family expresses."""
   return {
-      **common_to_hf(cfg, arch, model_type),
+      **common_to_hf(cfg, arch, model_type, features=features),
       "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
       "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.kv_heads,
       "head_dim": cfg.head_size, "intermediate_size": cfg.intermediate_size,
@@ -81,18 +82,26 @@ def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
   return out
 
 
+# HF names of a block's norms -> jaxlm's. With sandwich_norm (Gemma 2) HF's
+# post_attention_layernorm is the attention output's norm, no longer the MLP's input norm.
+_NORMS = {False: (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")),
+          True: (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "attn_out_norm"),
+                 ("pre_feedforward_layernorm", "mlp_norm"),
+                 ("post_feedforward_layernorm", "mlp_out_norm"))}
+
+
 def tensor_map(cfg: ModelConfig, arch: str) -> TensorMap:
   # rotary_emb.inv_freq: a buffer that older checkpoints saved; recomputed from the config.
   tm = TensorMap("model.", ignore=[r"\.rotary_emb\.inv_freq$"])
   tm.rename("model.embed_tokens.weight", "model.embed.embedding")
   for i in range(cfg.num_hidden_layers):
     h, j = f"model.layers.{i}", f"model.layers.{i}"
-    tm.norm(f"{h}.input_layernorm", f"{j}.attn_norm", bias=False)
+    for hf_name, jax_name in _NORMS[cfg.sandwich_norm]:
+      tm.norm(f"{h}.{hf_name}", f"{j}.{jax_name}", bias=False)
     for hf_name, jax_name in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
       tm.linear(f"{h}.self_attn.{hf_name}", f"{j}.attn.{jax_name}", bias=cfg.attention_bias)
     out_bias = cfg.attention_bias if cfg.attention_out_bias is None else cfg.attention_out_bias
     tm.linear(f"{h}.self_attn.o_proj", f"{j}.attn.o", bias=out_bias)
-    tm.norm(f"{h}.post_attention_layernorm", f"{j}.mlp_norm", bias=False)
     for hf_name, jax_name in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
       tm.linear(f"{h}.mlp.{hf_name}", f"{j}.mlp.{jax_name}", bias=cfg.mlp_bias)
   tm.norm("model.norm", "model.norm", bias=False)

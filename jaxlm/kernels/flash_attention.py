@@ -17,6 +17,8 @@ Matches `jaxlm.layers.attention.dot_product_attention` with the equivalent mask 
   * alibi_slopes [Hq]: adds slope_h * (j - i') with i' = i + (Tk - Tq), computed from
     positions in the kernel. This equals jaxlm's `alibi_bias(position_ids)` (slope * j)
     up to a per-row constant, i.e. the same softmax, whenever positions are contiguous.
+  * logits_soft_cap c: the scaled logits become c * tanh(logits / c) (Gemma 2), before
+    the ALiBi bias and the mask, in the forward and (through 1 - tanh^2) the backward.
   * GQA / MQA: Hq % Hkv == 0; query head h reads KV head h // (Hq // Hkv), never a copy.
   * Any lengths: inputs are zero-padded to the block sizes here and the padding masked.
   * bf16 or f32 inputs; logits, softmax statistics and accumulators are f32. The output
@@ -79,7 +81,8 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-def _check(q, k, v, segment_ids, alibi_slopes, sliding_window, block_q, block_k):
+def _check(q, k, v, segment_ids, alibi_slopes, sliding_window, block_q, block_k,
+           logits_soft_cap=None):
   def fail(msg):
     raise ValueError(f"flash_attention: {msg} (q {tuple(q.shape)}, k {tuple(k.shape)}, "
                      f"v {tuple(v.shape)})")
@@ -111,20 +114,24 @@ def _check(q, k, v, segment_ids, alibi_slopes, sliding_window, block_q, block_k)
   if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(
       sliding_window, numbers.Integral) or sliding_window < 1):
     fail(f"sliding_window must be a positive int, got {sliding_window!r}")
+  if logits_soft_cap is not None and not (isinstance(logits_soft_cap, numbers.Real)
+                                          and logits_soft_cap > 0):
+    fail(f"logits_soft_cap must be a positive number, got {logits_soft_cap!r}")
   for name, blk in (("block_q", block_q), ("block_k", block_k)):
     if blk is not None and (not isinstance(blk, numbers.Integral) or blk < 1 or blk & (blk - 1)):
       fail(f"{name} must be a power of two, got {blk!r}")
 
 
 def prepare(q_BTNH, k_BSKH, v_BSKH, *, causal=False, sliding_window=None, segment_ids=None,
-            alibi_slopes=None, sm_scale=None, block_q=None, block_k=None, interpret=None,
-            backend=None, heads_major=None, count_visits=False):
+            alibi_slopes=None, sm_scale=None, logits_soft_cap=None, block_q=None, block_k=None,
+            interpret=None, backend=None, heads_major=None, count_visits=False):
   """Validates, picks blocks, pads and lays out the inputs: returns (cfg, kernel args).
 
   `backend` / `heads_major` override the platform's choice (tests: TPU layout in
   interpret mode; lowering for another platform than the one running).
   """
-  _check(q_BTNH, k_BSKH, v_BSKH, segment_ids, alibi_slopes, sliding_window, block_q, block_k)
+  _check(q_BTNH, k_BSKH, v_BSKH, segment_ids, alibi_slopes, sliding_window, block_q, block_k,
+         logits_soft_cap)
   B, Tq, Hq, D = q_BTNH.shape
   Tk, Hkv = k_BSKH.shape[1], k_BSKH.shape[2]
   backend = backend or _platform_backend(interpret)
@@ -148,6 +155,7 @@ def prepare(q_BTNH, k_BSKH, v_BSKH, *, causal=False, sliding_window=None, segmen
       head_dim=d_pad, sm_scale=float(D ** -0.5 if sm_scale is None else sm_scale),
       causal=bool(causal), window=None if sliding_window is None else int(sliding_window),
       has_segments=segment_ids is not None, has_alibi=alibi_slopes is not None,
+      softcap=None if logits_soft_cap is None else float(logits_soft_cap),
       block_q=blocks[0], block_k=blocks[1], block_q_dq=blocks[2], block_k_dq=blocks[3],
       block_q_dkv=blocks[4], block_k_dkv=blocks[5],
       backend=backend, heads_major=heads_major, num_warps=warps, num_stages=stages,
@@ -206,19 +214,19 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 def flash_attention(q, k, v, *, causal: bool = False, sliding_window: int | None = None,
                     segment_ids=None, alibi_slopes=None, sm_scale: float | None = None,
-                    block_q: int | None = None, block_k: int | None = None,
-                    interpret: bool | None = None):
+                    logits_soft_cap: float | None = None, block_q: int | None = None,
+                    block_k: int | None = None, interpret: bool | None = None):
   """Memory-efficient exact attention: q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D] -> [B, Tq, Hq, D].
 
-  See the module docstring for the masking, segment, ALiBi and padding conventions.
-  `sm_scale` defaults to 1/sqrt(D). `block_q` / `block_k` (powers of two) override the
+  See the module docstring for the masking, segment, ALiBi, soft-cap and padding
+  conventions. `sm_scale` defaults to 1/sqrt(D). `block_q` / `block_k` (powers of two) override the
   per-backend block sizes of all three kernels. `interpret=None` runs the kernels in
   Pallas interpret mode on CPU and compiles them on GPU / TPU.
   """
   return flash_attention_with(q, k, v, causal=causal, sliding_window=sliding_window,
                               segment_ids=segment_ids, alibi_slopes=alibi_slopes,
-                              sm_scale=sm_scale, block_q=block_q, block_k=block_k,
-                              interpret=interpret)
+                              sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
+                              block_q=block_q, block_k=block_k, interpret=interpret)
 
 
 def flash_attention_with(q, k, v, *, backend: str | None = None,

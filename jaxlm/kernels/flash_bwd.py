@@ -7,7 +7,8 @@
                 query head and reduced afterwards.
 
 With P = exp2(s - lse), dP = dO V^T and delta = rowsum(dO * O):
-  dS = P * (dP - delta),  dQ = scale * dS K,  dK = scale * dS^T Q,  dV = P^T dO.
+  dS = P * (dP - delta),  dQ = scale * dS K,  dK = scale * dS^T Q,  dV = P^T dO,
+where a soft cap (cap * tanh(x / cap) on the logits) multiplies dS by 1 - tanh^2 first.
 Both kernels skip invisible blocks with the same block ranges as the forward pass.
 """
 
@@ -26,12 +27,13 @@ from jaxlm.kernels.flash_common import FlashConfig
 
 def _ds_tile(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, slope, masked, cfg):
   """Recomputed P and dS [bq, bk] (f32) for one (query block, key block) pair."""
-  s = fc.logits(q, k, q_pos, k_pos, slope, cfg)
+  s, dcap = fc.logits(q, k, q_pos, k_pos, slope, cfg)
   if masked:
     s = jnp.where(fc.visible(q_pos, k_pos, q_seg, k_seg, cfg), s, fc.NEG_INF)
   p = jnp.exp2(s - lse)  # lse = +inf on empty / padded rows -> p = 0
   dp = fc.dot_nt(do, v, cfg)
-  return p, p * (dp - delta)
+  ds = p * (dp - delta)
+  return p, ds if dcap is None else ds * dcap
 
 
 # ---- dQ -------------------------------------------------------------------------------

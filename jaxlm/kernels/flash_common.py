@@ -9,7 +9,9 @@ Within the range, blocks that are entirely visible skip the mask arithmetic too.
 
 Conventions used by all kernels:
   * Logits live in base 2: s = q.k * sm_scale * log2(e) (+ slope * log2(e) * (j - i)),
-    so the softmax uses exp2; the saved log-sum-exp `lse` is in the same base.
+    so the softmax uses exp2; the saved log-sum-exp `lse` is in the same base. With a
+    soft cap c the natural logit is first squashed, c * tanh(q.k * sm_scale / c), and
+    the backward multiplies dS by its derivative 1 - tanh^2.
   * Query i sits at key position i + (Tk - Tq) (queries are aligned to the end of
     the keys, as `jaxlm.layers.attention.causal_mask`).
   * Row statistics (lse, delta) are f32 arrays [B, H, T_pad, 1]; padded query rows and
@@ -49,6 +51,7 @@ class FlashConfig:
   window: int | None
   has_segments: bool
   has_alibi: bool
+  softcap: float | None  # logits -> softcap * tanh(logits / softcap) (Gemma 2)
   block_q: int  # forward
   block_k: int
   block_q_dq: int  # dQ kernel
@@ -213,13 +216,20 @@ def positions(start, n: int, axis: int):
 
 
 def logits(q, k, q_pos, k_pos, slope, cfg: FlashConfig):
-  """Base-2 logits [bq, bk] in f32; `slope` [1, 1] is the head's ALiBi slope * log2(e)."""
-  s = dot_nt(q, k, cfg) * (cfg.sm_scale * LOG2E)
+  """(base-2 logits [bq, bk] in f32, d logits / d uncapped logits or None without a soft
+  cap); `slope` [1, 1] is the head's ALiBi slope * log2(e)."""
+  dcap = None
+  if cfg.softcap is None:
+    s = dot_nt(q, k, cfg) * (cfg.sm_scale * LOG2E)
+  else:
+    t = jnp.tanh(dot_nt(q, k, cfg) * (cfg.sm_scale / cfg.softcap))
+    s = t * (cfg.softcap * LOG2E)
+    dcap = 1.0 - t * t
   if slope is not None:
     # ALiBi proper, slope * (j - i); jaxlm's `alibi_bias` (slope * j) differs from it by a
     # per-row constant, which softmax ignores.
     s = s + slope * (k_pos - q_pos).astype(jnp.float32)
-  return s
+  return s, dcap
 
 
 def visible(q_pos, k_pos, q_seg, k_seg, cfg: FlashConfig):

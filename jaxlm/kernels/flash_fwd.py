@@ -39,7 +39,7 @@ def _fwd_kernel(*refs, cfg: FlashConfig, block_axis: int):
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
     k_pos = fc.positions(start, bk, 1)
-    s = fc.logits(q, k, q_pos, k_pos, slope, cfg)
+    s, _ = fc.logits(q, k, q_pos, k_pos, slope, cfg)
     if masked:
       k_seg = kseg_ref[:, pl.ds(start, bk)] if kseg_ref is not None else None
       s = jnp.where(fc.visible(q_pos, k_pos, q_seg, k_seg, cfg), s, fc.NEG_INF)

@@ -24,6 +24,12 @@ ACTIVATIONS = {
 }
 
 
+def softcap(x, cap: float | None):
+  """cap * tanh(x / cap): squashes logits smoothly into (-cap, cap) (Gemma 2's attention
+  and final logits); identity for cap None."""
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 def get_activation(name: str):
   try:
     return ACTIVATIONS[name]

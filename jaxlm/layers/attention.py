@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.errors import ConfigError
+from jaxlm.layers.activations import softcap as apply_softcap
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.kv_cache import KVCache, cached_mask
 from jaxlm.layers.linear import Dense, einsum
@@ -87,14 +88,15 @@ class MaskSpec:
 _HALF = (jnp.bfloat16, jnp.float16)  # what cuDNN's fused attention computes in
 
 
-def resolve_impl(impl: str, *, dense_bias: bool = False, dtype=jnp.float32,
-                 platform: str | None = None) -> str:
+def resolve_impl(impl: str, *, dense_bias: bool = False, softcap: bool = False,
+                 dtype=jnp.float32, platform: str | None = None) -> str:
   """The backend to run for compute dtype `dtype` on `platform` (default: JAX's).
 
   "auto" picks cuDNN on NVIDIA GPUs for bf16/fp16 models, our Pallas kernel on TPU and
   the XLA reference elsewhere (Pallas on CPU runs in the slow interpret mode). A float32
   model stays in float32 on a GPU too (the XLA reference): cuDNN's fused attention runs
-  in bf16/fp16 only, and auto never lowers a model's precision. An explicit choice the
+  in bf16/fp16 only, and auto never lowers a model's precision. cuDNN has no logit
+  soft-capping (`softcap`): auto then picks our Pallas kernel on the GPU. An explicit choice the
   platform or model cannot run is a one-line ConfigError. The GPU branches have run on
   one H200 (benchmarks/results/gpu_train-h200-20261204.json); the tests fake the platform.
   """
@@ -102,11 +104,16 @@ def resolve_impl(impl: str, *, dense_bias: bool = False, dtype=jnp.float32,
   half = jnp.dtype(dtype) in [jnp.dtype(d) for d in _HALF]
   if impl == "auto":
     if platform == "gpu":
+      if half and softcap:
+        return "pallas"
       return "cudnn" if half else "xla"
     return "pallas" if platform == "tpu" and not dense_bias else "xla"
   if impl == "cudnn" and platform != "gpu":
     raise ConfigError(f"model.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on "
                       f"{platform}; use 'xla', 'pallas' or 'auto'")
+  if impl == "cudnn" and softcap:
+    raise ConfigError("model.attention_impl='cudnn' has no attention-logit soft-capping "
+                      "(model.attn_logit_softcapping); use 'pallas', 'xla' or 'auto'")
   if impl == "cudnn" and not half:
     raise ConfigError(f"model.attention_impl='cudnn' runs attention in bf16/fp16, but the "
                       f"model computes in {jnp.dtype(dtype).name}; set model.dtype (or "
@@ -119,12 +126,14 @@ def resolve_impl(impl: str, *, dense_bias: bool = False, dtype=jnp.float32,
 
 # ---- attention -------------------------------------------------------------------------
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask, *, bias=None, dropout_rate=0.0,
-                          rngs=None, dtype=jnp.float32, scale: float | None = None):
+                          rngs=None, dtype=jnp.float32, scale: float | None = None,
+                          softcap: float | None = None):
   """Softmax attention in float32 with grouped K/V heads; returns [B, T, N, H].
 
   `bias` (float, broadcastable to [B, N, T, S], e.g. ALiBi [1|B, N, 1, S]) is added to
   the scaled logits before the mask. `scale` defaults to 1/sqrt(H) (T5 uses 1: its
-  initialization folds the scaling into the query weights).
+  initialization folds the scaling into the query weights). `softcap`: the scaled logits
+  become cap * tanh(logits / cap) before the bias and the mask (Gemma 2).
   """
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
@@ -134,6 +143,7 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask, *, bias=None, dropout_ra
   # (a [B, K, G, T, S] layout cost a transposed copy of the largest tensor per layer;
   # docs/performance.md#matmul-layouts-on-cpu).
   logits_BKTGS = einsum("btkgh,bskh->bktgs", q_BTKGH, k_BSKH, dtype, b_grad_order="bkhs")
+  logits_BKTGS = apply_softcap(logits_BKTGS, softcap)
   if bias is not None:
     # Query head n = k * G + g, matching the reshape of q above.
     b, n, t, s = bias.shape
@@ -151,6 +161,29 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask, *, bias=None, dropout_ra
   return out_BTKGH.reshape(B, T, N, H)
 
 
+def decode_attention(q_B1NH, k_BKSH, v_BKSH, mask, *, bias=None, dtype=jnp.float32,
+                     scale: float | None = None, softcap: float | None = None):
+  """`dot_product_attention` for one query per row against a KV cache stored [B, K, S, H]
+  (layers/kv_cache.py): both products are then plain batched matmuls over (row, kv head),
+  where the [B, S, K, H] layout cost a transposed copy of the cache per layer and step
+  (docs/performance.md#decoding-on-cpu). Returns [B, 1, N, H]."""
+  B, _, N, H = q_B1NH.shape
+  K = k_BKSH.shape[1]
+  G = N // K
+  q_BKGH = q_B1NH.reshape(B, K, G, H) * (H ** -0.5 if scale is None else scale)
+  logits_BKGS = apply_softcap(einsum("bkgh,bksh->bkgs", q_BKGH, k_BKSH, dtype), softcap)
+  if bias is not None:  # [b, N or 1, 1, S]; query head n = k * G + g
+    b, n, _, s = bias.shape
+    logits_BKGS = logits_BKGS + bias.astype(jnp.float32).reshape(b, K if n > 1 else 1,
+                                                                 G if n > 1 else 1, s)
+  if mask is not None:
+    mask_BS = (mask if mask.ndim == 4 else mask[:, None])[:, 0, 0]
+    logits_BKGS = jnp.where(mask_BS[:, None, None], logits_BKGS, jnp.finfo(jnp.float32).min)
+  probs_BKGS = jax.nn.softmax(logits_BKGS, axis=-1)
+  out_BKGH = einsum("bkgs,bksh->bkgh", probs_BKGS, v_BKSH, dtype)
+  return out_BKGH.reshape(B, 1, N, H)
+
+
 class Attention(nnx.Module):
   """Self- or cross-attention (`cross=True`) with q/k/v/o projections named as in most HF
   ports. Called with a KVCache (layers/kv_cache.py) it decodes incrementally: the same
@@ -160,8 +193,9 @@ class Attention(nnx.Module):
                head_dim: int | None = None, use_bias: bool = True, out_bias: bool | None = None,
                dropout_rate: float = 0.0, init_std: float = 0.02, impl: str = "xla",
                rope: RoPE | None = None, alibi: bool = False, dense_bias: bool = False,
-               scale: float | None = None, cross: bool = False, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               scale: float | None = None, softcap: float | None = None,
+               cross: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads or num_heads
     self.head_dim = head_dim or hidden_size // num_heads
@@ -174,10 +208,12 @@ class Attention(nnx.Module):
                    axes=("heads", "embed"), **kw)
     self.dropout_rate = dropout_rate
     # alibi: the `bias` callers pass is ALiBi, which the kernels compute from slopes.
-    self.impl = resolve_impl(impl, dense_bias=dense_bias, dtype=dtype)
+    self.impl = resolve_impl(impl, dense_bias=dense_bias, softcap=softcap is not None,
+                             dtype=dtype)
     self.alibi = alibi
     self.rope = rope  # static spec: lets callers pass position_ids instead of cos/sin
     self.scale = scale
+    self.softcap = softcap  # cap * tanh(logits / cap) on the scaled logits (Gemma 2)
     self.cross = cross
     self.dtype = dtype
 
@@ -207,7 +243,7 @@ class Attention(nnx.Module):
     heads = ("batch", "length", "heads", "head_dim")
     q_BTNH = constrain(self.q(x_BTD).reshape(B, T, self.num_heads, self.head_dim), heads)
     if cache is not None and self.cross and kv_BSD is None:  # encoder K/V already cached
-      k_BSKH, v_BSKH = cache.k, cache.v
+      k_BSKH = v_BSKH = None  # _attend_cached reads them from the cache
     else:
       k_BSKH, v_BSKH = self._kv(x_BTD if kv_BSD is None else kv_BSD)
     if rope is None and position_ids is not None and self.rope is not None:
@@ -238,10 +274,11 @@ class Attention(nnx.Module):
         S = k_BTKH.shape[1]
         real_BS = (spec.kv_segment_ids > 0 if spec.kv_segment_ids is not None
                    else jnp.ones(k_BTKH.shape[:2], bool))
-        cache = KVCache(k_BTKH.astype(cache.k.dtype), v_BTKH.astype(cache.v.dtype),
+        cache = KVCache(k_BTKH.swapaxes(1, 2).astype(cache.k.dtype),
+                        v_BTKH.swapaxes(1, 2).astype(cache.v.dtype),
                         jnp.where(real_BS, jnp.arange(S), -1).astype(jnp.int32),
                         jnp.asarray(S, jnp.int32))
-      k_BSKH, v_BSKH, k_pos_BS = cache.k, cache.v, cache.pos
+      k_BKSH, v_BKSH, k_pos_BS = cache.k, cache.v, cache.pos
       dense = (k_pos_BS >= 0)[:, None, None, :]
       q_pos_BT = None
     else:
@@ -252,10 +289,10 @@ class Attention(nnx.Module):
       new_pos_BT = jnp.where(real_BT, q_pos_BT, -1).astype(jnp.int32)
       if k_BTKH.shape[1] == 1:  # decoding: write, then read the cache
         cache = cache.write(k_BTKH, v_BTKH, new_pos_BT)
-        k_BSKH, v_BSKH, k_pos_BS = cache.k, cache.v, cache.pos
+        k_BKSH, v_BKSH, k_pos_BS = cache.k, cache.v, cache.pos
       else:  # prefill: the new keys join the cache's (slots they overwrite included)
-        k_BSKH = jnp.concatenate([cache.k, k_BTKH.astype(cache.k.dtype)], axis=1)
-        v_BSKH = jnp.concatenate([cache.v, v_BTKH.astype(cache.v.dtype)], axis=1)
+        cat = lambda old, new: jnp.concatenate([old, new.swapaxes(1, 2).astype(old.dtype)], 2)
+        k_BKSH, v_BKSH = cat(cache.k, k_BTKH), cat(cache.v, v_BTKH)
         k_pos_BS = jnp.concatenate([cache.pos, new_pos_BT], axis=1)
         cache = cache.write(k_BTKH, v_BTKH, new_pos_BT)
       dense = cached_mask(q_pos_BT, k_pos_BS, causal=spec.causal, window=spec.window)
@@ -263,8 +300,14 @@ class Attention(nnx.Module):
       bias = alibi_bias(k_pos_BS, self.num_heads)
     elif callable(bias):
       bias = bias(q_pos_BT, k_pos_BS)
-    out = dot_product_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype),
-                                dense, bias=bias, dtype=self.dtype, scale=self.scale)
+    k_BKSH, v_BKSH = k_BKSH.astype(q_BTNH.dtype), v_BKSH.astype(q_BTNH.dtype)
+    if q_BTNH.shape[1] == 1:
+      out = decode_attention(q_BTNH, k_BKSH, v_BKSH, dense, bias=bias, dtype=self.dtype,
+                             scale=self.scale, softcap=self.softcap)
+    else:
+      out = dot_product_attention(q_BTNH, k_BKSH.swapaxes(1, 2), v_BKSH.swapaxes(1, 2), dense,
+                                  bias=bias, dtype=self.dtype, scale=self.scale,
+                                  softcap=self.softcap)
     return cache, out
 
   def _attend(self, q_BTNH, k_BSKH, v_BSKH, mask, bias, rngs):
@@ -275,7 +318,7 @@ class Attention(nnx.Module):
     if self.impl == "xla" or train_dropout:  # attention dropout: the reference path
       return dot_product_attention(q_BTNH, k_BSKH, v_BSKH, dense, bias=bias,
                                    dropout_rate=self.dropout_rate, rngs=rngs,
-                                   dtype=self.dtype, scale=self.scale)
+                                   dtype=self.dtype, scale=self.scale, softcap=self.softcap)
     if self.impl == "cudnn":
       # The model's own half dtype (resolve_impl refuses float32 models here).
       kw = {} if bias is None else {"bias": bias.astype(self.dtype)}
@@ -295,6 +338,6 @@ class Attention(nnx.Module):
         q_BTNH.astype(self.dtype), k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype),
         causal=spec is not None and spec.causal,
         sliding_window=spec.window if spec is not None else None,
-        segment_ids=segments, sm_scale=self.scale,
+        segment_ids=segments, sm_scale=self.scale, logits_soft_cap=self.softcap,
         alibi_slopes=alibi_slopes(self.num_heads) if self.alibi and bias is not None else None)
     return out.astype(jnp.float32)

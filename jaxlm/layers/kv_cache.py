@@ -24,20 +24,20 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class KVCache:
-  k: jax.Array  # [B, S, K, H]
-  v: jax.Array  # [B, S, K, H]
+  k: jax.Array  # [B, K, S, H]: a decode step's products are then plain batched matmuls
+  v: jax.Array  # [B, K, S, H]
   pos: jax.Array  # [B, S] int32: position of each slot's token; -1 = empty or padding
   index: jax.Array  # [] int32: columns written so far ([B] after per_row)
 
   @classmethod
   def init(cls, batch_size: int, size: int, num_kv_heads: int, head_dim: int,
            dtype=jnp.float32) -> KVCache:
-    kv = jnp.zeros((batch_size, size, num_kv_heads, head_dim), dtype)
+    kv = jnp.zeros((batch_size, num_kv_heads, size, head_dim), dtype)
     return cls(kv, kv, jnp.full((batch_size, size), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
   @property
   def size(self) -> int:
-    return self.k.shape[1]
+    return self.k.shape[2]
 
   @property
   def lengths(self) -> jax.Array:
@@ -47,26 +47,26 @@ class KVCache:
   def write(self, k_BTKH, v_BTKH, pos_BT) -> KVCache:
     """Appends T columns (positions pos_BT, -1 for padding); returns the new cache."""
     T, S = k_BTKH.shape[1], self.size
+    k_BKTH, v_BKTH = k_BTKH.swapaxes(1, 2), v_BTKH.swapaxes(1, 2)
     if T == 1 and self.index.ndim:  # each row at its own column
       rows_B, slot_B = jnp.arange(self.k.shape[0]), self.index % S
-      put = lambda buf, new: buf.at[rows_B, slot_B].set(new[:, 0].astype(buf.dtype))
-      return KVCache(put(self.k, k_BTKH), put(self.v, v_BTKH), put(self.pos, pos_BT),
-                     self.index + 1)
+      put = lambda buf, new: buf.at[rows_B, :, slot_B].set(new[:, :, 0].astype(buf.dtype))
+      return KVCache(put(self.k, k_BKTH), put(self.v, v_BKTH),
+                     self.pos.at[rows_B, slot_B].set(pos_BT[:, 0]), self.index + 1)
     if self.index.ndim:
       raise ValueError("a per-row KVCache takes one column at a time; prefill a fresh "
                        "cache and put_row it")
     if T == 1:  # decoding: one in-place slice update
       slot = self.index % S
-      upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
-                                                                  slot, axis=1)
-      return KVCache(upd(self.k, k_BTKH), upd(self.v, v_BTKH), upd(self.pos, pos_BT),
+      upd = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(
+          buf, new.astype(buf.dtype), slot, axis=axis)
+      return KVCache(upd(self.k, k_BKTH, 2), upd(self.v, v_BKTH, 2), upd(self.pos, pos_BT, 1),
                      self.index + 1)
     keep = min(T, S)  # of a prompt longer than the cache, only its last S columns stay
     slots = (self.index + T - keep + jnp.arange(keep)) % S
-    return KVCache(self.k.at[:, slots].set(k_BTKH[:, T - keep:].astype(self.k.dtype)),
-                   self.v.at[:, slots].set(v_BTKH[:, T - keep:].astype(self.v.dtype)),
+    put = lambda buf, new: buf.at[:, :, slots].set(new[:, :, T - keep:].astype(buf.dtype))
+    return KVCache(put(self.k, k_BKTH), put(self.v, v_BKTH),
                    self.pos.at[:, slots].set(pos_BT[:, T - keep:]), self.index + T)
-
 
   def per_row(self) -> KVCache:
     """The same cache with a write column per row."""

@@ -26,14 +26,19 @@ class LayerNorm(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
+  """x / rms(x) * (scale_offset + scale). Gemma stores its scale around 0 and multiplies
+  by (1 + scale) (`scale_offset=1.0`), in float32 like everything here."""
 
-  def __init__(self, features: int, *, eps: float = 1e-6, param_dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None):
+  def __init__(self, features: int, *, eps: float = 1e-6, scale_offset: float = 0.0,
+               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
     del rngs
-    self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+    # Initialized so that the effective scale starts at 1 either way.
+    self.scale = nnx.Param(jnp.full((features,), 1.0 - scale_offset, param_dtype))
     self.eps = eps
+    self.scale_offset = scale_offset
 
   def __call__(self, x):
     x = x.astype(jnp.float32)
     y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
-    return y * self.scale[...]
+    scale = self.scale[...].astype(jnp.float32)
+    return y * (scale + self.scale_offset if self.scale_offset else scale)

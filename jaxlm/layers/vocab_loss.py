@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm.layers.activations import softcap as apply_softcap
 from jaxlm.layers.linear import _product, materialize, matmul
 
 # Positions per chunk: at most this many logits live at once (16 MiB in float32), unless
@@ -33,12 +34,14 @@ MAX_CHUNKS = 8
 class Projection:
   """The inputs of a vocabulary projection: logits = h @ W (+ bias), W laid out [V, D]
   (an embedding table, tied heads) when `vocab_major`, else [D, V] (a Dense kernel). The
-  matmul takes `dtype` operands and accumulates in float32."""
+  matmul takes `dtype` operands and accumulates in float32. `softcap`: the logits are
+  cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping), in the loss too."""
   h: Any  # [B, T, D]
   w: Any
   bias: Any = None  # [V] or None
   vocab_major: bool = flax.struct.field(pytree_node=False, default=True)
   dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)
+  softcap: float | None = flax.struct.field(pytree_node=False, default=None)
 
   @classmethod
   def of_dense(cls, dense, h) -> "Projection":
@@ -51,7 +54,8 @@ class Projection:
   def logits(self):
     """The full float32 logits [B, T, V]."""
     out = matmul(self.h, self.w, self.dtype, transpose_w=self.vocab_major)
-    return out if self.bias is None else out + self.bias.astype(jnp.float32)
+    out = out if self.bias is None else out + self.bias.astype(jnp.float32)
+    return apply_softcap(out, self.softcap)
 
 
 def cross_entropy_sums(proj: Projection, targets_BT, weights_BT):
@@ -62,7 +66,8 @@ def cross_entropy_sums(proj: Projection, targets_BT, weights_BT):
   chunk = max(1, min(T, max(CHUNK_LOGITS // max(1, B * V), -(-T // MAX_CHUNKS))))
   has_bias = proj.bias is not None
   bias = proj.bias if has_bias else jnp.zeros((0,), jnp.float32)
-  static = (proj.vocab_major, jnp.dtype(proj.dtype), chunk, has_bias)
+  static = (proj.vocab_major, jnp.dtype(proj.dtype), chunk, has_bias,
+            proj.softcap)
   return _fused(static, proj.h, proj.w, bias, targets_BT, weights_BT.astype(jnp.float32))
 
 
@@ -73,12 +78,15 @@ def _chunks(static, T):
 
 def _chunk_stats(static, h_BCD, w, bias_V, targets_BC, weights_BC, grads: bool):
   """Loss and hit sums of one chunk and, if `grads`, d(loss sum)/d(logits) [B*C, V]."""
-  vocab_major, dtype = static[0], static[1]
+  vocab_major, dtype, cap = static[0], static[1], static[4]
   B, C, D = h_BCD.shape
   h_ND = h_BCD.reshape(B * C, D).astype(dtype)
   logits_NV = _product(h_ND, w, transpose_w=vocab_major)  # h @ W_DV
   if bias_V is not None:
     logits_NV = logits_NV + bias_V
+  if cap is not None:
+    tanh_NV = jnp.tanh(logits_NV / cap)
+    logits_NV = cap * tanh_NV
   t_N, wt_N = targets_BC.reshape(-1), weights_BC.reshape(-1)
   max_N = jnp.max(logits_NV, axis=-1)
   shifted_NV = logits_NV - max_N[:, None]
@@ -91,11 +99,13 @@ def _chunk_stats(static, h_BCD, w, bias_V, targets_BC, weights_BC, grads: bool):
     return sums, None, h_ND
   onehot_NV = jax.nn.one_hot(t_N, logits_NV.shape[-1], dtype=jnp.float32)
   dlogits_NV = (exp_NV / sum_N[:, None] - onehot_NV) * wt_N[:, None]
+  if cap is not None:  # through cap * tanh(l / cap): times 1 - tanh^2
+    dlogits_NV = dlogits_NV * (1.0 - jnp.square(tanh_NV))
   return sums, dlogits_NV, h_ND
 
 
 def _forward(static, h_BTD, w, bias, targets_BT, weights_BT, grads: bool):
-  vocab_major, dtype, _, has_bias = static
+  vocab_major, dtype, _, has_bias, _ = static
   w = w.astype(dtype)
   bias_V = bias.astype(jnp.float32) if has_bias else None
   B, T, D = h_BTD.shape

@@ -4,6 +4,7 @@
   pre-LN (GPT, Llama, T5):     x = x + attn(norm1 x);  [x = x + cross(norm x, enc)];
                                x = x + ff(norm2 x)
   parallel (GPT-NeoX):         x = x + attn(norm1 x) + ff(norm2 x)
+  sandwich (Gemma 2):          x = x + norm1'(attn(norm1 x));  x = x + norm2'(ff(norm2 x))
 
 `attention(cfg, rt)`, `norm(cfg)` and `feed_forward(cfg, rt)` turn a ModelConfig (what
 the model is) and a Runtime (how it runs) into layers, so every family builds them the
@@ -29,7 +30,8 @@ from jaxlm.models.base import dtypes, rope_spec
 def norm(cfg: ModelConfig) -> nnx.Module:
   """The config's norm (LayerNorm or RMSNorm, eps layer_norm_eps), in param_dtype."""
   if cfg.norm_type == "rmsnorm":
-    return RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
+    return RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, scale_offset=cfg.norm_scale_offset,
+                   param_dtype=jnp.dtype(cfg.param_dtype))
   return LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, use_bias=cfg.norm_bias,
                    param_dtype=jnp.dtype(cfg.param_dtype))
 
@@ -38,8 +40,13 @@ def attention(cfg: ModelConfig, rt: Runtime, *, cross: bool = False,
               rngs: nnx.Rngs) -> Attention:
   """Self- or cross-attention as the config describes it. T5-style models (a learned
   relative-position bias) leave logits unscaled: T5 folds 1/sqrt(d) into the query
-  initialization."""
+  initialization; Gemma 2 scales by 1/sqrt(query_pre_attn_scalar)."""
   relative = cfg.position_embedding_type == "relative"
+  scale = None
+  if relative:
+    scale = 1.0
+  elif cfg.query_pre_attn_scalar is not None:
+    scale = cfg.query_pre_attn_scalar ** -0.5
   return Attention(cfg.hidden_size, cfg.num_attention_heads,
                    num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_size,
                    use_bias=cfg.attention_bias, out_bias=cfg.attention_out_bias,
@@ -47,7 +54,8 @@ def attention(cfg: ModelConfig, rt: Runtime, *, cross: bool = False,
                    init_std=cfg.initializer_range, impl=rt.attention_impl,
                    alibi=cfg.position_embedding_type == "alibi" and not cross,
                    rope=None if cross else rope_spec(cfg), dense_bias=relative,
-                   scale=1.0 if relative else None, cross=cross, rngs=rngs, **dtypes(cfg, rt))
+                   scale=scale, softcap=cfg.attn_logit_softcapping, cross=cross, rngs=rngs,
+                   **dtypes(cfg, rt))
 
 
 def feed_forward(cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs) -> nnx.Module:
@@ -71,14 +79,17 @@ class TransformerBlock(nnx.Module):
   def __init__(self, cfg: ModelConfig, rt: Runtime, *, cross: bool = False, rngs: nnx.Rngs):
     if cfg.parallel_residual and cfg.norm_position != "pre":
       raise ConfigError("model.parallel_residual requires model.norm_position='pre'")
-    if cross and (cfg.parallel_residual or cfg.norm_position != "pre"):
+    if cross and (cfg.parallel_residual or cfg.norm_position != "pre" or cfg.sandwich_norm):
       raise ConfigError("cross-attention blocks are sequential pre-LN (T5)")
     self.attn_norm = norm(cfg)
     self.attn = attention(cfg, rt, rngs=rngs)
+    # sandwich_norm: the sublayers' outputs are normed too, before the residual add.
+    self.attn_out_norm = norm(cfg) if cfg.sandwich_norm else None
     self.cross_norm = norm(cfg) if cross else None
     self.cross_attn = attention(cfg, rt, cross=True, rngs=rngs) if cross else None
     self.mlp_norm = norm(cfg)
     self.mlp = feed_forward(cfg, rt, rngs=rngs)
+    self.mlp_out_norm = norm(cfg) if cfg.sandwich_norm else None
     self.layout = "parallel" if cfg.parallel_residual else cfg.norm_position
     self.dropout_rate = cfg.hidden_dropout_prob
 
@@ -109,10 +120,15 @@ class TransformerBlock(nnx.Module):
                          cache=None if cache is None else cache["self"], rngs=rngs)
       if cache is not None:
         cache["self"] = c
+      if self.attn_out_norm is not None:
+        out = self.attn_out_norm(out)
       return dropout(out, self.dropout_rate, rngs)
 
     def mlp(h_BTD):
-      return dropout(self.mlp(h_BTD), self.dropout_rate, rngs)
+      out = self.mlp(h_BTD)
+      if self.mlp_out_norm is not None:
+        out = self.mlp_out_norm(out)
+      return dropout(out, self.dropout_rate, rngs)
 
     if self.layout == "post":
       x_BTD = self.attn_norm(x_BTD + attn(x_BTD))

@@ -1,4 +1,5 @@
-"""Decoder-only causal language models (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX, Mixtral).
+"""Decoder-only causal language models (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX, Mixtral,
+Qwen2, Gemma, Gemma 2).
 
 One generic composition of the shared block (models/block.py), steered only by
 ModelConfig fields:
@@ -7,7 +8,10 @@ ModelConfig fields:
          -> final norm (pre-LN) -> LM head (or a sequence classifier, `score`)
 
 Positions enter as learned embeddings ("absolute"), rotations of q/k ("rope") or an
-additive logits bias ("alibi"). The families differ only in their configs (jaxlm/hf/*.py).
+additive logits bias ("alibi"). Each layer attends within its own window
+(`ModelConfig.layer_windows()`: Gemma 2 alternates sliding and full layers), and its KV
+cache keeps only that many slots. The families differ only in their configs
+(jaxlm/hf/*.py).
 """
 
 from __future__ import annotations
@@ -43,11 +47,10 @@ def segment_positions(segment_ids_BT):
   return t_BT - start_BT
 
 
-def decoder_mask(cfg: ModelConfig, T: int, attention_mask_BT=None,
-                 segment_ids_BT=None) -> MaskSpec:
-  """Causal (+ sliding window), real keys only, same segment only."""
-  return MaskSpec.build(T, causal=cfg.causal,
-                        window=cfg.sliding_window if cfg.causal else None,
+def decoder_mask(cfg: ModelConfig, T: int, attention_mask_BT=None, segment_ids_BT=None, *,
+                 window: int | None) -> MaskSpec:
+  """Causal (+ a sliding `window`: one layer's), real keys only, same segment only."""
+  return MaskSpec.build(T, causal=cfg.causal, window=window if cfg.causal else None,
                         attention_mask=attention_mask_BT, segment_ids=segment_ids_BT)
 
 
@@ -57,7 +60,8 @@ class Decoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs):
     kw = dict(init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg, rt))
     self.config, self.runtime = cfg, rt
-    self.embed = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
+    self.embed = Embed(cfg.vocab_size, cfg.hidden_size,
+                       scale=cfg.hidden_size ** 0.5 if cfg.scale_embeddings else None, **kw)
     self.position = (Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
                      if cfg.position_embedding_type == "absolute" else None)
     self.embed_norm = norm(cfg) if cfg.embedding_norm else None
@@ -68,13 +72,15 @@ class Decoder(nnx.Module):
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None,
                  window_slack: int = 0) -> list[dict]:
-    """Per-layer KV caches for `max_length` tokens (prompt and output); a sliding-window
-    model keeps `sliding_window` (+ `window_slack`) slots, however long the output grows.
-    The slack is for callers that write columns they may take back (speculative
-    decoding): a rolled-back column must not have evicted one a later query still sees."""
-    w = self.config.sliding_window
-    size = max_length if w is None else min(max_length, w + window_slack)
-    return [layer.init_cache(batch_size, size, dtype) for layer in self.layers]
+    """Per-layer KV caches for `max_length` tokens (prompt and output); a layer with a
+    sliding window keeps `window` (+ `window_slack`) slots, however long the output grows,
+    and a full-attention layer `max_length`. The slack is for callers that write columns
+    they may take back (speculative decoding): a rolled-back column must not have evicted
+    one a later query still sees."""
+    return [layer.init_cache(batch_size,
+                             max_length if w is None else min(max_length, w + window_slack),
+                             dtype)
+            for layer, w in zip(self.layers, self.config.layer_windows())]
 
   def __call__(self, input_ids_BT, attention_mask=None, *, segment_ids=None, position_ids=None,
                cache: list | None = None, rngs: nnx.Rngs | None = None):
@@ -85,7 +91,9 @@ class Decoder(nnx.Module):
     if position_ids is None:
       position_ids = (segment_positions(segment_ids) if segment_ids is not None
                       else jnp.broadcast_to(jnp.arange(T), (B, T)))
-    mask = decoder_mask(cfg, T, attention_mask, segment_ids)
+    windows = cfg.layer_windows()
+    masks = {w: decoder_mask(cfg, T, attention_mask, segment_ids, window=w)
+             for w in set(windows)}
 
     x_BTD = self.embed(input_ids_BT)
     if self.position is not None:
@@ -102,8 +110,8 @@ class Decoder(nnx.Module):
     new_cache = []
     for i, layer in enumerate(self.layers):
       kw = {} if cache is None else {"cache": cache[i], "positions": position_ids}
-      c, x_BTD = run_block(self.runtime, layer, x_BTD, mask, rope=rope, bias=bias, rngs=rngs,
-                           **kw)
+      c, x_BTD = run_block(self.runtime, layer, x_BTD, masks[windows[i]], rope=rope, bias=bias,
+                           rngs=rngs, **kw)
       new_cache.append(c)
       x_BTD = constrain(x_BTD, RESIDUAL_AXES)
     x_BTD = self.norm(x_BTD) if self.norm is not None else x_BTD
@@ -152,6 +160,8 @@ class DecoderForCausalLM(PreTrainedModel):
                               position_ids=position_ids, cache=cache, rngs=rngs)
     proj = (self.model.embed.projection(h_BTD) if self.lm_head is None
             else Projection.of_dense(self.lm_head, h_BTD))
+    if self.config.final_logit_softcapping is not None:
+      proj = proj.replace(softcap=self.config.final_logit_softcapping)
     if attention_mask is None and segment_ids is not None:
       attention_mask = segment_ids > 0  # packed rows: keep padding out of router statistics
     head = ({"logits": constrain(proj.logits(), ("batch", "length", "vocab"))}
@@ -197,7 +207,8 @@ ARCHITECTURES = {
     name: DecoderForCausalLM
     for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
                  "BloomForCausalLM", "MptForCausalLM", "GPTNeoXForCausalLM",
-                 "MixtralForCausalLM", "Qwen2ForCausalLM")
+                 "MixtralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM",
+                 "Gemma2ForCausalLM")
 }
 ARCHITECTURES.update({
     name: DecoderForSequenceClassification

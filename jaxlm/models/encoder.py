@@ -68,7 +68,8 @@ class Embeddings(nnx.Module):
 # would be silently ignored, so it is refused.
 _ENCODER_FIXED = dict(causal=False, norm_type="layernorm", norm_position="post", norm_bias=True,
                       embedding_norm=False, mlp_type="plain", mlp_bias=True,
-                      attention_bias=True, parallel_residual=False, sliding_window=None)
+                      attention_bias=True, parallel_residual=False, sliding_window=None,
+                      layer_types=None, scale_embeddings=False, final_logit_softcapping=None)
 
 
 def _check_encoder_config(cfg: ModelConfig) -> None:

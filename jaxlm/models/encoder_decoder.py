@@ -36,7 +36,9 @@ from jaxlm.parallel.rules import constrain
 # refused. (mlp_type, hidden_act, mlp_bias and num_key_value_heads are honoured.)
 _T5_FIXED = dict(causal=False, norm_type="rmsnorm", norm_position="pre", embedding_norm=False,
                  parallel_residual=False, sliding_window=None, attention_bias=False,
-                 position_embedding_type="relative", position_ids_from_mask=False)
+                 position_embedding_type="relative", position_ids_from_mask=False,
+                 layer_types=None, sandwich_norm=False, scale_embeddings=False,
+                 query_pre_attn_scalar=None, final_logit_softcapping=None)
 
 
 def _check_t5_config(cfg: ModelConfig) -> None:

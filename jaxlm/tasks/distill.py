@@ -80,6 +80,9 @@ def kl_sum(student: Projection, teacher: Projection, weights_BT, temperature: fl
   student's h, W and bias (computed in the forward pass, as in vocab_loss); the teacher
   gets zero cotangents."""
   B, T, _ = student.h.shape
+  if student.softcap is not None or teacher.softcap is not None:
+    raise ConfigError("distill: final_logit_softcapping (Gemma 2) is not supported by the "
+                      "fused KL; distill from and into models without it")
   V = _vocab(student)
   if _vocab(teacher) != V:
     raise ConfigError(f"distill: the student's vocabulary has {V} entries, the teacher's "
