@@ -291,8 +291,8 @@ class Attention(nnx.Module):
         cache = cache.write(k_BTKH, v_BTKH, new_pos_BT)
         k_BKSH, v_BKSH, k_pos_BS = cache.k, cache.v, cache.pos
       else:  # prefill: the new keys join the cache's (slots they overwrite included)
-        cat = lambda old, new: jnp.concatenate([old, new.swapaxes(1, 2).astype(old.dtype)], 2)
-        k_BKSH, v_BKSH = cat(cache.k, k_BTKH), cat(cache.v, v_BTKH)
+        cat = lambda old, new: jnp.concatenate([old.swapaxes(1, 2), new.astype(old.dtype)], 1)
+        k_BKSH, v_BKSH = cat(cache.k, k_BTKH), cat(cache.v, v_BTKH)  # [B, S, K, H] here
         k_pos_BS = jnp.concatenate([cache.pos, new_pos_BT], axis=1)
         cache = cache.write(k_BTKH, v_BTKH, new_pos_BT)
       dense = cached_mask(q_pos_BT, k_pos_BS, causal=spec.causal, window=spec.window)
@@ -305,7 +305,9 @@ class Attention(nnx.Module):
       out = decode_attention(q_BTNH, k_BKSH, v_BKSH, dense, bias=bias, dtype=self.dtype,
                              scale=self.scale, softcap=self.softcap)
     else:
-      out = dot_product_attention(q_BTNH, k_BKSH.swapaxes(1, 2), v_BKSH.swapaxes(1, 2), dense,
+      if self.cross:  # the cross cache is [B, K, S, H]; a prefill's keys are [B, S, K, H]
+        k_BKSH, v_BKSH = k_BKSH.swapaxes(1, 2), v_BKSH.swapaxes(1, 2)
+      out = dot_product_attention(q_BTNH, k_BKSH, v_BKSH, dense,
                                   bias=bias, dtype=self.dtype, scale=self.scale,
                                   softcap=self.softcap)
     return cache, out
