@@ -278,7 +278,7 @@ class Attention(nnx.Module):
                         v_BTKH.swapaxes(1, 2).astype(cache.v.dtype),
                         jnp.where(real_BS, jnp.arange(S), -1).astype(jnp.int32),
                         jnp.asarray(S, jnp.int32))
-      k_BKSH, v_BKSH, k_pos_BS = cache.k, cache.v, cache.pos
+      k_, v_, k_pos_BS = cache.k, cache.v, cache.pos  # [B, K, S, H]
       dense = (k_pos_BS >= 0)[:, None, None, :]
       q_pos_BT = None
     else:
@@ -289,10 +289,12 @@ class Attention(nnx.Module):
       new_pos_BT = jnp.where(real_BT, q_pos_BT, -1).astype(jnp.int32)
       if k_BTKH.shape[1] == 1:  # decoding: write, then read the cache
         cache = cache.write(k_BTKH, v_BTKH, new_pos_BT)
-        k_BKSH, v_BKSH, k_pos_BS = cache.k, cache.v, cache.pos
+        k_, v_, k_pos_BS = cache.k, cache.v, cache.pos  # [B, K, S, H]
       else:  # prefill: the new keys join the cache's (slots they overwrite included)
+        # In [B, S, K, H]: concatenating [B, K, S, H] and transposing after made XLA:CPU
+        # compile a bf16 dot it has no kernel for.
         cat = lambda old, new: jnp.concatenate([old.swapaxes(1, 2), new.astype(old.dtype)], 1)
-        k_BKSH, v_BKSH = cat(cache.k, k_BTKH), cat(cache.v, v_BTKH)  # [B, S, K, H] here
+        k_, v_ = cat(cache.k, k_BTKH), cat(cache.v, v_BTKH)
         k_pos_BS = jnp.concatenate([cache.pos, new_pos_BT], axis=1)
         cache = cache.write(k_BTKH, v_BTKH, new_pos_BT)
       dense = cached_mask(q_pos_BT, k_pos_BS, causal=spec.causal, window=spec.window)
@@ -300,14 +302,15 @@ class Attention(nnx.Module):
       bias = alibi_bias(k_pos_BS, self.num_heads)
     elif callable(bias):
       bias = bias(q_pos_BT, k_pos_BS)
-    k_BKSH, v_BKSH = k_BKSH.astype(q_BTNH.dtype), v_BKSH.astype(q_BTNH.dtype)
+    # k_, v_: the cache's [B, K, S, H], except a self-attention prefill's [B, S, K, H].
+    k_, v_ = k_.astype(q_BTNH.dtype), v_.astype(q_BTNH.dtype)
     if q_BTNH.shape[1] == 1:
-      out = decode_attention(q_BTNH, k_BKSH, v_BKSH, dense, bias=bias, dtype=self.dtype,
+      out = decode_attention(q_BTNH, k_, v_, dense, bias=bias, dtype=self.dtype,
                              scale=self.scale, softcap=self.softcap)
     else:
-      if self.cross:  # the cross cache is [B, K, S, H]; a prefill's keys are [B, S, K, H]
-        k_BKSH, v_BKSH = k_BKSH.swapaxes(1, 2), v_BKSH.swapaxes(1, 2)
-      out = dot_product_attention(q_BTNH, k_BKSH, v_BKSH, dense,
+      if self.cross:
+        k_, v_ = k_.swapaxes(1, 2), v_.swapaxes(1, 2)
+      out = dot_product_attention(q_BTNH, k_, v_, dense,
                                   bias=bias, dtype=self.dtype, scale=self.scale,
                                   softcap=self.softcap)
     return cache, out
