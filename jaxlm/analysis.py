@@ -121,6 +121,10 @@ def _attention(mc: ModelConfig) -> int:
   n = D * (Hq + 2 * Hkv) * hd + Hq * hd * D
   if mc.attention_bias:
     n += (Hq + 2 * Hkv) * hd
+  if mc.qk_norm == "rmsnorm":  # one [head_dim] scale each for q and k
+    n += 2 * hd
+  elif mc.qk_norm == "layernorm":  # a scale per head
+    n += (Hq + Hkv) * hd
   return n + (D if out_bias else 0)
 
 

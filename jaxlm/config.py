@@ -35,6 +35,7 @@ EXPORT_MARKER = "jaxlm_export"
 
 _DTYPES = ("float32", "bfloat16", "float16")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # ModelConfig.layer_types entries
+QK_NORMS = (None, "rmsnorm", "layernorm")  # ModelConfig.qk_norm
 _CHOICES = {
     "norm_type": ("layernorm", "rmsnorm"),
     "norm_position": ("post", "pre"),
@@ -134,6 +135,10 @@ class ModelConfig:
   # cap * tanh(x / cap) on the scaled attention logits / the LM head's logits (Gemma 2)
   attn_logit_softcapping: float | None = None
   final_logit_softcapping: float | None = None
+  # A norm on each head's queries and keys before RoPE: "rmsnorm" (one [head_dim] scale
+  # shared by the heads, with norm_scale_offset; Qwen3, Gemma 3) or "layernorm" (bias-free,
+  # a scale per head [heads, head_dim]; Cohere). None: no q/k norm.
+  qk_norm: str | None = None
 
   # ---- positions ------------------------------------------------------------------
   # "relative": T5's bucketed relative-position logits bias (encoder-decoder models)
@@ -275,6 +280,8 @@ class ModelConfig:
       value = getattr(self, name)
       if value is not None and not value > 0:
         raise ConfigError(f"model.{name} must be positive or None, got {value!r}")
+    if self.qk_norm not in QK_NORMS:
+      raise ConfigError(f"model.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
     if self.norm_scale_offset and self.norm_type != "rmsnorm":
       raise ConfigError("model.norm_scale_offset needs model.norm_type='rmsnorm', got "
                         f"{self.norm_type!r}")

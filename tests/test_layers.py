@@ -7,6 +7,7 @@ from flax import nnx
 from conftest import dot_operand_types
 from jaxlm import ModelConfig, Runtime, build_model
 from jaxlm.layers.attention import causal_mask, dot_product_attention, padding_mask
+from jaxlm.layers.position import apply_rope
 
 CFG = ModelConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=64, max_position_embeddings=32)
@@ -47,6 +48,45 @@ def test_rmsnorm_scale_offset_and_embedding_scale():
   np.testing.assert_array_equal(emb(jnp.array([1])), table[1:2] * 55.5)  # bf16(55.43)
   emb.dtype = jnp.float32
   np.testing.assert_allclose(emb(jnp.array([1])), table[1:2] * 3072 ** 0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+def test_qk_norm_normalizes_each_head_before_attention(kind):
+  """model.qk_norm: Qwen3/Gemma 3 norm each head's q and k with one [H] scale (RMSNorm),
+  Cohere with a bias-free LayerNorm holding a scale per head [N, H]; both before RoPE."""
+  from jaxlm.analysis import closed_form_params
+  from jaxlm.models import block
+  cfg = ModelConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=64, causal=True,
+                    norm_type="rmsnorm", norm_position="pre", qk_norm=kind,
+                    attention_bias=False, layer_norm_eps=1e-6, attention_probs_dropout_prob=0.0,
+                    position_embedding_type="rope")
+  attn = block.attention(cfg, Runtime(), rngs=nnx.Rngs(0))
+  N, K, H = 4, 2, 8
+  shape = {"rmsnorm": ((H,), (H,)), "layernorm": ((N, H), (K, H))}[kind]
+  assert (attn.q_norm.scale.shape, attn.k_norm.scale.shape) == shape
+  rs = np.random.RandomState(0)
+  attn.q_norm.scale[...] = jnp.asarray(rs.normal(1, 0.3, shape[0]), jnp.float32)
+  attn.k_norm.scale[...] = jnp.asarray(rs.normal(1, 0.3, shape[1]), jnp.float32)
+  x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+  pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
+  _, got = attn(x, mask=causal_mask(5, 5), position_ids=pos)
+
+  def norm(y, w):  # by hand, in NumPy
+    y = np.asarray(y, np.float64)
+    if kind == "layernorm":
+      y = y - y.mean(-1, keepdims=True)
+    return y / np.sqrt(np.square(y).mean(-1, keepdims=True) + 1e-6) * np.asarray(w)
+
+  q = norm(attn.q(x).reshape(2, 5, N, H), attn.q_norm.scale[...])
+  k = norm(attn.k(x).reshape(2, 5, K, H), attn.k_norm.scale[...])
+  cos, sin = attn.rope(pos)
+  q, k = (apply_rope(jnp.asarray(y, jnp.float32), cos, sin) for y in (q, k))
+  out = reference_attention(q, k, attn.v(x).reshape(2, 5, K, H), causal_mask(5, 5))
+  np.testing.assert_allclose(got, attn.o(out.reshape(2, 5, N * H)), atol=2e-5)
+  lm = cfg.replace(architectures=["LlamaForCausalLM"])
+  n = sum(p.size for p in jax.tree.leaves(nnx.state(build_model(lm), nnx.Param)))
+  assert closed_form_params(lm)["total"] == n
 
 
 def test_sliding_window_mask():

@@ -396,7 +396,8 @@ def labels_to_hf(cfg: ModelConfig) -> dict:
 # `features`; save_pretrained then writes a jaxlm export instead of dropping it.
 OPTIONAL_FIELDS = dict(sandwich_norm=False, norm_scale_offset=0.0, scale_embeddings=False,
                        layer_types=None, query_pre_attn_scalar=None,
-                       attn_logit_softcapping=None, final_logit_softcapping=None)
+                       attn_logit_softcapping=None, final_logit_softcapping=None,
+                       qk_norm=None)
 
 
 def check_optional_fields(cfg: ModelConfig, arch: str, features=()) -> None:

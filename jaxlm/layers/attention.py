@@ -194,8 +194,11 @@ class Attention(nnx.Module):
                dropout_rate: float = 0.0, init_std: float = 0.02, impl: str = "xla",
                rope: RoPE | None = None, alibi: bool = False, dense_bias: bool = False,
                scale: float | None = None, softcap: float | None = None,
+               q_norm: nnx.Module | None = None, k_norm: nnx.Module | None = None,
                cross: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
+    """`q_norm`, `k_norm`: norms over each head's [.., head_dim] queries / keys, applied
+    before RoPE (Qwen3, Gemma 3, Cohere); block.attention builds them from the config."""
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads or num_heads
     self.head_dim = head_dim or hidden_size // num_heads
@@ -206,6 +209,7 @@ class Attention(nnx.Module):
     self.v = Dense(hidden_size, kv_dim, use_bias=use_bias, axes=("embed", "kv_heads"), **kw)
     self.o = Dense(q_dim, hidden_size, use_bias=use_bias if out_bias is None else out_bias,
                    axes=("heads", "embed"), **kw)
+    self.q_norm, self.k_norm = q_norm, k_norm
     self.dropout_rate = dropout_rate
     # alibi: the `bias` callers pass is ALiBi, which the kernels compute from slopes.
     self.impl = resolve_impl(impl, dense_bias=dense_bias, softcap=softcap is not None,
@@ -242,6 +246,8 @@ class Attention(nnx.Module):
     B, T, _ = x_BTD.shape
     heads = ("batch", "length", "heads", "head_dim")
     q_BTNH = constrain(self.q(x_BTD).reshape(B, T, self.num_heads, self.head_dim), heads)
+    if self.q_norm is not None:
+      q_BTNH = self.q_norm(q_BTNH).astype(q_BTNH.dtype)
     if cache is not None and self.cross and kv_BSD is None:  # encoder K/V already cached
       k_BSKH = v_BSKH = None  # _attend_cached reads them from the cache
     else:
@@ -263,6 +269,8 @@ class Attention(nnx.Module):
     kv_heads = ("batch", "length", "kv_heads", "head_dim")
     k_BSKH = constrain(self.k(kv_BSD).reshape(B, S, self.num_kv_heads, self.head_dim), kv_heads)
     v_BSKH = constrain(self.v(kv_BSD).reshape(B, S, self.num_kv_heads, self.head_dim), kv_heads)
+    if self.k_norm is not None:
+      k_BSKH = self.k_norm(k_BSKH).astype(k_BSKH.dtype)
     return k_BSKH, v_BSKH
 
   def _attend_cached(self, q_BTNH, k_BTKH, v_BTKH, mask, bias, cache, q_pos_BT, fresh):

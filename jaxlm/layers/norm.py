@@ -1,18 +1,26 @@
-"""LayerNorm and RMSNorm, computed in float32 whatever the compute dtype."""
+"""LayerNorm and RMSNorm, computed in float32 whatever the compute dtype.
+
+Both normalize over the last axis; `features` may be a shape, e.g. (heads, head_dim) for
+a per-head q/k norm with its own scale for each head (Cohere)."""
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 
+def _shape(features) -> tuple[int, ...]:
+  return (features,) if isinstance(features, int) else tuple(features)
+
+
 class LayerNorm(nnx.Module):
 
-  def __init__(self, features: int, *, eps: float = 1e-12, use_bias: bool = True,
+  def __init__(self, features: int | tuple[int, ...], *, eps: float = 1e-12,
+               use_bias: bool = True,
                param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
     del rngs  # deterministic init; accepted for a uniform layer signature
     # Norm parameters are tiny: replicated (no sharding axes).
-    self.scale = nnx.Param(jnp.ones((features,), param_dtype))
-    self.bias = nnx.Param(jnp.zeros((features,), param_dtype)) if use_bias else None
+    self.scale = nnx.Param(jnp.ones(_shape(features), param_dtype))
+    self.bias = nnx.Param(jnp.zeros(_shape(features), param_dtype)) if use_bias else None
     self.eps = eps
 
   def __call__(self, x):
@@ -29,11 +37,12 @@ class RMSNorm(nnx.Module):
   """x / rms(x) * (scale_offset + scale). Gemma stores its scale around 0 and multiplies
   by (1 + scale) (`scale_offset=1.0`), in float32 like everything here."""
 
-  def __init__(self, features: int, *, eps: float = 1e-6, scale_offset: float = 0.0,
+  def __init__(self, features: int | tuple[int, ...], *, eps: float = 1e-6,
+               scale_offset: float = 0.0,
                param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
     del rngs
     # Initialized so that the effective scale starts at 1 either way.
-    self.scale = nnx.Param(jnp.full((features,), 1.0 - scale_offset, param_dtype))
+    self.scale = nnx.Param(jnp.full(_shape(features), 1.0 - scale_offset, param_dtype))
     self.eps = eps
     self.scale_offset = scale_offset
 

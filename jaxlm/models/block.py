@@ -36,6 +36,16 @@ def norm(cfg: ModelConfig) -> nnx.Module:
                    param_dtype=jnp.dtype(cfg.param_dtype))
 
 
+def qk_norm(cfg: ModelConfig, heads: int) -> nnx.Module:
+  """The norm of `heads` heads' queries or keys (model.qk_norm), eps layer_norm_eps."""
+  dtype = jnp.dtype(cfg.param_dtype)
+  if cfg.qk_norm == "rmsnorm":
+    return RMSNorm(cfg.head_size, eps=cfg.layer_norm_eps, scale_offset=cfg.norm_scale_offset,
+                   param_dtype=dtype)
+  return LayerNorm((heads, cfg.head_size), eps=cfg.layer_norm_eps, use_bias=False,
+                   param_dtype=dtype)
+
+
 def attention(cfg: ModelConfig, rt: Runtime, *, cross: bool = False,
               rngs: nnx.Rngs) -> Attention:
   """Self- or cross-attention as the config describes it. T5-style models (a learned
@@ -47,6 +57,9 @@ def attention(cfg: ModelConfig, rt: Runtime, *, cross: bool = False,
     scale = 1.0
   elif cfg.query_pre_attn_scalar is not None:
     scale = cfg.query_pre_attn_scalar ** -0.5
+  q_norm = k_norm = None
+  if cfg.qk_norm is not None and not cross:
+    q_norm, k_norm = qk_norm(cfg, cfg.num_attention_heads), qk_norm(cfg, cfg.kv_heads)
   return Attention(cfg.hidden_size, cfg.num_attention_heads,
                    num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_size,
                    use_bias=cfg.attention_bias, out_bias=cfg.attention_out_bias,
@@ -54,7 +67,8 @@ def attention(cfg: ModelConfig, rt: Runtime, *, cross: bool = False,
                    init_std=cfg.initializer_range, impl=rt.attention_impl,
                    alibi=cfg.position_embedding_type == "alibi" and not cross,
                    rope=None if cross else rope_spec(cfg), dense_bias=relative,
-                   scale=scale, softcap=cfg.attn_logit_softcapping, cross=cross, rngs=rngs,
+                   scale=scale, softcap=cfg.attn_logit_softcapping, q_norm=q_norm,
+                   k_norm=k_norm, cross=cross, rngs=rngs,
                    **dtypes(cfg, rt))
 
 
