@@ -346,7 +346,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "jaxlm", api_key=
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
-    if engine._thread is None:
+    if not engine.started:
       await asyncio.to_thread(engine.start)
     yield
     srv.draining = True

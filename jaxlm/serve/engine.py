@@ -208,6 +208,11 @@ class Engine:
       req.cancelled = True
       self._cond.notify()
 
+  @property
+  def started(self) -> bool:
+    """Whether `start` has run (the engine thread exists)."""
+    return self._thread is not None
+
   def start(self, warmup: bool = True) -> Engine:
     if warmup:  # compile the step and the smallest prefill before the first request
       self._run_insert(0, Request([self.pad], 1))
