@@ -149,6 +149,9 @@ class ModelConfig:
   # {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor",
   #  "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
   rope_scaling: dict | None = None
+  # RoPE base of the "sliding_attention" layers of layer_types, which then rotate without
+  # rope_scaling (Gemma 3's local layers); None: every layer uses rope_theta / rope_scaling.
+  rope_local_base_freq: float | None = None
   relative_attention_num_buckets: int = 32  # T5 relative bias
   relative_attention_max_distance: int = 128
 
@@ -280,6 +283,12 @@ class ModelConfig:
       value = getattr(self, name)
       if value is not None and not value > 0:
         raise ConfigError(f"model.{name} must be positive or None, got {value!r}")
+    local = self.rope_local_base_freq
+    if local is not None and not (local > 0 and self.position_embedding_type == "rope"
+                                  and self.layer_types is not None):
+      raise ConfigError("model.rope_local_base_freq must be positive and needs "
+                        "model.position_embedding_type='rope' and model.layer_types (it is the "
+                        f"base of the sliding_attention layers), got {local!r}")
     if self.qk_norm not in QK_NORMS:
       raise ConfigError(f"model.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
     if self.norm_scale_offset and self.norm_type != "rmsnorm":

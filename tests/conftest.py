@@ -28,6 +28,25 @@ def fixture(name: str) -> str:
   return os.path.join(FIXTURES, name)
 
 
+def assert_hf_config_refused(tmp_path: Path, name: str, edit, needle: str) -> None:
+  """Fixture `name` with its config.json passed through `edit` is refused with a one-line
+  ConfigError matching `needle`: by its family's config_from_hf and by from_pretrained."""
+  import json  # noqa: PLC0415 (jaxlm only for the tests that use it)
+
+  import jaxlm  # noqa: PLC0415
+  from jaxlm.hf import family_of, read_hf_config  # noqa: PLC0415
+
+  raw = read_hf_config(fixture(name))
+  with pytest.raises(jaxlm.ConfigError, match=needle) as e:
+    family_of(raw["architectures"][0], "test").config_from_hf(edit(raw))
+  assert "\n" not in str(e.value)
+  d = tmp_path / name
+  shutil.copytree(fixture(name), d)
+  (d / "config.json").write_text(json.dumps(edit(read_hf_config(str(d)))))
+  with pytest.raises(jaxlm.ConfigError, match=needle):
+    jaxlm.from_pretrained(str(d))
+
+
 def quiet(_msg: str) -> None:
   """A `log=` callback that prints nothing."""
 

@@ -42,6 +42,9 @@ def test_reads_hugging_face_bert_config(tmp_path):
     (dict(attn_logit_softcapping=0.0), "model.attn_logit_softcapping"),
     (dict(norm_scale_offset=1.0), "model.norm_scale_offset needs"),
     (dict(sandwich_norm=True), "model.sandwich_norm needs"),
+    (dict(rope_local_base_freq=1e4), "model.rope_local_base_freq"),  # not rope, no layer_types
+    (dict(position_embedding_type="rope", num_hidden_layers=1, layer_types=["full_attention"],
+          rope_local_base_freq=0.0), "model.rope_local_base_freq must be positive"),
 ])
 def test_validation_names_the_key(kwargs, needle):
   with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):

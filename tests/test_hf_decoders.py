@@ -1,4 +1,5 @@
-"""Decoder families (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX, Qwen2, Gemma, Gemma 2)
+"""Decoder families (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX, Qwen2, Qwen3, Gemma, Gemma 2,
+Gemma 3)
 against transformers' outputs on the tiny fixtures (tests/fixtures/hf), HF-format round
 trips, greedy generation, the position encodings (RoPE, ALiBi), sliding windows, packed
 sequences and named errors."""
@@ -24,14 +25,20 @@ from jaxlm.layers.attention import Attention, dot_product_attention
 from jaxlm.layers.position import alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq
 from jaxlm.models.decoder import segment_positions
 
-FAMILIES = ("gpt2", "llama", "llama3_scaling", "mistral", "bloom", "mpt", "gpt_neox",
-            "llama_sharded", "qwen2", "qwen2_tied", "gemma", "gemma_b", "gemma2", "gemma2_b")
-LEGACY = ("llama", "llama3_scaling", "mistral", "gpt_neox", "qwen2", "qwen2_tied",
-          "gemma", "gemma_b", "gemma2", "gemma2_b")  # have config.legacy.json
-QWEN2 = ("qwen2", "qwen2_tied")  # full attention, untied; all layers sliding (W=4), tied
+# full attention, untied; all layers sliding (W=4), tied; full/sliding/sliding (W=4), untied
+QWEN2 = ("qwen2", "qwen2_tied", "qwen2_mixed")
+# q/k norm, tied, full attention; + q/k/v/o biases, sliding/full/sliding W=4, untied
+# (more in test_hf_qwen.py)
+QWEN3 = ("qwen3", "qwen3_b")
 # tied, MQA, legacy "gelu"; biases, untied; sliding/full/sliding W=4 with both soft caps;
-# full/sliding/full W=6, final cap only, untied (more in test_hf_gemma.py)
-GEMMA = ("gemma", "gemma_b", "gemma2", "gemma2_b")
+# full/sliding/full W=6, final cap only, untied; Gemma 3: sliding/sliding/full W=4 with local
+# and global RoPE bases; full/sliding/sliding/full W=6, linear scaling on the global layers,
+# final cap, biases, untied (more in test_hf_gemma.py)
+GEMMA = ("gemma", "gemma_b", "gemma2", "gemma2_b", "gemma3", "gemma3_b")
+FAMILIES = ("gpt2", "llama", "llama3_scaling", "mistral", "bloom", "mpt", "gpt_neox",
+            "llama_sharded") + QWEN2 + QWEN3 + GEMMA
+LEGACY = ("llama", "llama3_scaling", "mistral", "gpt_neox") + QWEN2 + QWEN3 + GEMMA
+# (LEGACY: have config.legacy.json)
 CASES = [(f, False) for f in FAMILIES] + [(f, True) for f in LEGACY]
 
 
@@ -209,7 +216,7 @@ def test_unsupported_rope_type_names_the_key(tmp_path):
 
 
 # ---- zoo III: generation and parameter counts ------------------------------------------------
-@pytest.mark.parametrize("name", QWEN2 + GEMMA)
+@pytest.mark.parametrize("name", QWEN2 + QWEN3 + GEMMA)
 def test_greedy_matches_transformers_generate(loaded, name):
   """transformers' greedy generate on a left-padded batch (make_generation.py)."""
   from jaxlm.generate import generate
@@ -224,7 +231,7 @@ def test_greedy_matches_transformers_generate(loaded, name):
   assert (got[:, want.shape[1]:] == int(g["pad_token_id"])).all()
 
 
-@pytest.mark.parametrize("name", QWEN2 + GEMMA)
+@pytest.mark.parametrize("name", QWEN2 + QWEN3 + GEMMA)
 def test_parameter_count_matches_transformers(loaded, name):
   from jaxlm.params import flat_params
   with open(os.path.join(fixture(""), "versions.json")) as f:
@@ -259,11 +266,8 @@ def test_qwen2_layer_types_derived_as_transformers_does():
     lambda c: {**c, "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]},
     lambda c: {**{k: v for k, v in c.items() if k != "layer_types"}, "max_window_layers": 1}],
     ids=["explicit", "from-max_window_layers"])
-def test_qwen2_mixed_layer_types_is_refused(tmp_path, edit):
-  with pytest.raises(DataError, match="layer_types.*not supported yet"):
-    qwen2_config(edit)
-  with pytest.raises(DataError, match="layer_types"):
-    jaxlm.from_pretrained(edited_copy(tmp_path, "qwen2_tied", edit_config=edit))
+def test_qwen2_mixed_layer_types_give_per_layer_windows(edit):
+  assert qwen2_config(edit).layer_windows() == [None, 4, 4]
 
 
 # ---- sliding window ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import LAYER_TYPES, ModelConfig
 from jaxlm.errors import ConfigError, DataError
 from jaxlm.hf.family import Family, Tensors
 
@@ -341,6 +341,18 @@ def rope_from_hf(hf: dict, *, default_theta: float = 10000.0,
   return dict(rope_theta=float(theta), partial_rotary_factor=float(partial), rope_scaling=scaling)
 
 
+def layer_types_from_hf(hf: dict, layers: int, default: Sequence[str]) -> list[str]:
+  """config.json's `layer_types` ("full_attention" / "sliding_attention" per layer), or
+  `default` (the family's derivation) when absent."""
+  types = hf.get("layer_types")
+  if types is None:
+    return list(default)
+  if not isinstance(types, list) or len(types) != layers or not set(types) <= set(LAYER_TYPES):
+    raise ConfigError(f"config.json: layer_types must list one of {LAYER_TYPES} for each of "
+                      f"the {layers} layers, got {types!r}")
+  return types
+
+
 def rope_to_hf(cfg: ModelConfig, *, with_partial: bool) -> dict:
   """transformers-5 `rope_parameters`."""
   params = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
@@ -397,7 +409,7 @@ def labels_to_hf(cfg: ModelConfig) -> dict:
 OPTIONAL_FIELDS = dict(sandwich_norm=False, norm_scale_offset=0.0, scale_embeddings=False,
                        layer_types=None, query_pre_attn_scalar=None,
                        attn_logit_softcapping=None, final_logit_softcapping=None,
-                       qk_norm=None)
+                       qk_norm=None, rope_local_base_freq=None)
 
 
 def check_optional_fields(cfg: ModelConfig, arch: str, features=()) -> None:

@@ -48,7 +48,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def block_to_hf(cfg: ModelConfig, arch: str, model_type: str, features=()) -> dict:
-  """The config.json keys of a Llama-style block (Llama, Mistral, Qwen2, Gemma);
+  """The config.json keys of a Llama-style block (Llama, Mistral, Qwen2, Qwen3, Gemma);
   `features`: the common.OPTIONAL_FIELDS the family expresses."""
   return {
       **common_to_hf(cfg, arch, model_type, features=features),
@@ -100,6 +100,9 @@ def tensor_map(cfg: ModelConfig, arch: str) -> TensorMap:
       tm.norm(f"{h}.{hf_name}", f"{j}.{jax_name}", bias=False)
     for hf_name, jax_name in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
       tm.linear(f"{h}.self_attn.{hf_name}", f"{j}.attn.{jax_name}", bias=cfg.attention_bias)
+    if cfg.qk_norm == "rmsnorm":  # Qwen3, Gemma 3: one [head_dim] scale each
+      tm.norm(f"{h}.self_attn.q_norm", f"{j}.attn.q_norm", bias=False)
+      tm.norm(f"{h}.self_attn.k_norm", f"{j}.attn.k_norm", bias=False)
     out_bias = cfg.attention_bias if cfg.attention_out_bias is None else cfg.attention_out_bias
     tm.linear(f"{h}.self_attn.o_proj", f"{j}.attn.o", bias=out_bias)
     for hf_name, jax_name in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):

@@ -22,10 +22,16 @@ def dtypes(cfg: ModelConfig, rt: Runtime) -> dict:
   return dict(dtype=jnp.dtype(rt.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
-def rope_spec(cfg: ModelConfig) -> RoPE | None:
-  """The rotary embedding a config asks for, or None for other position types."""
+def rope_spec(cfg: ModelConfig, layer: int | None = None) -> RoPE | None:
+  """The rotary embedding of decoder layer `layer` (None: the config-wide one), or None for
+  other position types. With rope_local_base_freq, the sliding_attention layers of
+  layer_types rotate with that base and no scaling (Gemma 3's local layers)."""
   if cfg.position_embedding_type != "rope":
     return None
+  if (layer is not None and cfg.rope_local_base_freq is not None
+      and cfg.layer_types[layer] == "sliding_attention"):
+    return RoPE.create(cfg.head_size, theta=cfg.rope_local_base_freq,
+                       partial_rotary_factor=cfg.partial_rotary_factor)
   return RoPE.create(cfg.head_size, theta=cfg.rope_theta,
                      partial_rotary_factor=cfg.partial_rotary_factor, scaling=cfg.rope_scaling)
 

@@ -46,9 +46,10 @@ def qk_norm(cfg: ModelConfig, heads: int) -> nnx.Module:
                    param_dtype=dtype)
 
 
-def attention(cfg: ModelConfig, rt: Runtime, *, cross: bool = False,
+def attention(cfg: ModelConfig, rt: Runtime, *, cross: bool = False, layer: int | None = None,
               rngs: nnx.Rngs) -> Attention:
-  """Self- or cross-attention as the config describes it. T5-style models (a learned
+  """Self- or cross-attention as the config describes it, for decoder layer `layer` (its
+  RoPE may be the layer type's: base.rope_spec). T5-style models (a learned
   relative-position bias) leave logits unscaled: T5 folds 1/sqrt(d) into the query
   initialization; Gemma 2 scales by 1/sqrt(query_pre_attn_scalar)."""
   relative = cfg.position_embedding_type == "relative"
@@ -66,7 +67,7 @@ def attention(cfg: ModelConfig, rt: Runtime, *, cross: bool = False,
                    dropout_rate=cfg.attention_probs_dropout_prob,
                    init_std=cfg.initializer_range, impl=rt.attention_impl,
                    alibi=cfg.position_embedding_type == "alibi" and not cross,
-                   rope=None if cross else rope_spec(cfg), dense_bias=relative,
+                   rope=None if cross else rope_spec(cfg, layer), dense_bias=relative,
                    scale=scale, softcap=cfg.attn_logit_softcapping, q_norm=q_norm,
                    k_norm=k_norm, cross=cross, rngs=rngs,
                    **dtypes(cfg, rt))
@@ -88,15 +89,17 @@ def feed_forward(cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs) -> nnx.Module
 
 class TransformerBlock(nnx.Module):
   """Self-attention, optional cross-attention (`cross=True`: encoder-decoder decoders)
-  and a feed-forward, each with its norm, in the config's residual layout."""
+  and a feed-forward, each with its norm, in the config's residual layout. `layer`: its
+  index in a decoder stack, for what layer_types chooses per layer (the RoPE base)."""
 
-  def __init__(self, cfg: ModelConfig, rt: Runtime, *, cross: bool = False, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rt: Runtime, *, cross: bool = False,
+               layer: int | None = None, rngs: nnx.Rngs):
     if cfg.parallel_residual and cfg.norm_position != "pre":
       raise ConfigError("model.parallel_residual requires model.norm_position='pre'")
     if cross and (cfg.parallel_residual or cfg.norm_position != "pre" or cfg.sandwich_norm):
       raise ConfigError("cross-attention blocks are sequential pre-LN (T5)")
     self.attn_norm = norm(cfg)
-    self.attn = attention(cfg, rt, rngs=rngs)
+    self.attn = attention(cfg, rt, layer=layer, rngs=rngs)
     # sandwich_norm: the sublayers' outputs are normed too, before the residual add.
     self.attn_out_norm = norm(cfg) if cfg.sandwich_norm else None
     self.cross_norm = norm(cfg) if cross else None

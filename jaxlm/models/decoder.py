@@ -1,5 +1,5 @@
 """Decoder-only causal language models (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX, Mixtral,
-Qwen2, Gemma, Gemma 2).
+Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3).
 
 One generic composition of the shared block (models/block.py), steered only by
 ModelConfig fields:
@@ -10,7 +10,8 @@ ModelConfig fields:
 Positions enter as learned embeddings ("absolute"), rotations of q/k ("rope") or an
 additive logits bias ("alibi"). Each layer attends within its own window
 (`ModelConfig.layer_windows()`: Gemma 2 alternates sliding and full layers), and its KV
-cache keeps only that many slots. The families differ only in their configs
+cache keeps only that many slots; it rotates with its own RoPE (`base.rope_spec(cfg, i)`:
+Gemma 3's sliding layers have a base of their own). The families differ only in their configs
 (jaxlm/hf/*.py).
 """
 
@@ -65,10 +66,10 @@ class Decoder(nnx.Module):
     self.position = (Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
                      if cfg.position_embedding_type == "absolute" else None)
     self.embed_norm = norm(cfg) if cfg.embedding_norm else None
-    self.layers = nnx.List([TransformerBlock(cfg, rt, rngs=rngs)
-                            for _ in range(cfg.num_hidden_layers)])
+    self.layers = nnx.List([TransformerBlock(cfg, rt, layer=i, rngs=rngs)
+                            for i in range(cfg.num_hidden_layers)])
     self.norm = norm(cfg) if cfg.norm_position == "pre" else None
-    self.rope = rope_spec(cfg)
+    self.ropes = tuple(rope_spec(cfg, i) for i in range(cfg.num_hidden_layers))  # per layer
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None,
                  window_slack: int = 0) -> list[dict]:
@@ -102,16 +103,16 @@ class Decoder(nnx.Module):
       x_BTD = self.embed_norm(x_BTD)
     x_BTD = constrain(dropout(x_BTD, cfg.hidden_dropout_prob, rngs), RESIDUAL_AXES)
 
-    # Position tables are computed once per forward and shared by every layer.
-    rope = self.rope(position_ids) if self.rope is not None else None
+    # Position tables are computed once per forward and spec, shared by the layers using it.
+    ropes = {spec: spec(position_ids) for spec in set(self.ropes) if spec is not None}
     # With a cache, attention computes ALiBi from the cached keys' positions.
     bias = (alibi_bias(position_ids, cfg.num_attention_heads)
             if cfg.position_embedding_type == "alibi" and cache is None else None)
     new_cache = []
     for i, layer in enumerate(self.layers):
       kw = {} if cache is None else {"cache": cache[i], "positions": position_ids}
-      c, x_BTD = run_block(self.runtime, layer, x_BTD, masks[windows[i]], rope=rope, bias=bias,
-                           rngs=rngs, **kw)
+      c, x_BTD = run_block(self.runtime, layer, x_BTD, masks[windows[i]],
+                           rope=ropes.get(self.ropes[i]), bias=bias, rngs=rngs, **kw)
       new_cache.append(c)
       x_BTD = constrain(x_BTD, RESIDUAL_AXES)
     x_BTD = self.norm(x_BTD) if self.norm is not None else x_BTD
@@ -207,8 +208,8 @@ ARCHITECTURES = {
     name: DecoderForCausalLM
     for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
                  "BloomForCausalLM", "MptForCausalLM", "GPTNeoXForCausalLM",
-                 "MixtralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM",
-                 "Gemma2ForCausalLM")
+                 "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                 "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 }
 ARCHITECTURES.update({
     name: DecoderForSequenceClassification
