@@ -42,6 +42,9 @@ def test_reads_hugging_face_bert_config(tmp_path):
     (dict(attn_logit_softcapping=0.0), "model.attn_logit_softcapping"),
     (dict(norm_scale_offset=1.0), "model.norm_scale_offset needs"),
     (dict(sandwich_norm=True), "model.sandwich_norm needs"),
+    (dict(parallel_shared_norm=True), "model.parallel_shared_norm needs"),
+    (dict(logit_scale=0.0), "model.logit_scale"),
+    (dict(alibi_style="mpt"), "model.alibi_style"),
 ])
 def test_validation_names_the_key(kwargs, needle):
   with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):

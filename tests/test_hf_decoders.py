@@ -1,4 +1,5 @@
-"""Decoder families (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX, Qwen2, Gemma, Gemma 2)
+"""Decoder families (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX, Qwen2, Gemma, Gemma 2,
+Falcon, Cohere)
 against transformers' outputs on the tiny fixtures (tests/fixtures/hf), HF-format round
 trips, greedy generation, the position encodings (RoPE, ALiBi), sliding windows, packed
 sequences and named errors."""
@@ -24,10 +25,14 @@ from jaxlm.layers.attention import Attention, dot_product_attention
 from jaxlm.layers.position import alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq
 from jaxlm.models.decoder import segment_positions
 
+# Falcon: old multi-head, multi-query, new architecture (GQA, two norms), ALiBi (sequential);
+# Cohere: without and with q/k norms (more in test_hf_falcon_cohere.py)
+FALCON_COHERE = ("falcon", "falcon_mq", "falcon_new", "falcon_alibi", "cohere", "cohere_qk")
 FAMILIES = ("gpt2", "llama", "llama3_scaling", "mistral", "bloom", "mpt", "gpt_neox",
-            "llama_sharded", "qwen2", "qwen2_tied", "gemma", "gemma_b", "gemma2", "gemma2_b")
+            "llama_sharded", "qwen2", "qwen2_tied", "gemma", "gemma_b", "gemma2",
+            "gemma2_b") + FALCON_COHERE
 LEGACY = ("llama", "llama3_scaling", "mistral", "gpt_neox", "qwen2", "qwen2_tied",
-          "gemma", "gemma_b", "gemma2", "gemma2_b")  # have config.legacy.json
+          "gemma", "gemma_b", "gemma2", "gemma2_b") + FALCON_COHERE  # have config.legacy.json
 QWEN2 = ("qwen2", "qwen2_tied")  # full attention, untied; all layers sliding (W=4), tied
 # tied, MQA, legacy "gelu"; biases, untied; sliding/full/sliding W=4 with both soft caps;
 # full/sliding/full W=6, final cap only, untied (more in test_hf_gemma.py)
@@ -209,7 +214,7 @@ def test_unsupported_rope_type_names_the_key(tmp_path):
 
 
 # ---- zoo III: generation and parameter counts ------------------------------------------------
-@pytest.mark.parametrize("name", QWEN2 + GEMMA)
+@pytest.mark.parametrize("name", QWEN2 + GEMMA + FALCON_COHERE)
 def test_greedy_matches_transformers_generate(loaded, name):
   """transformers' greedy generate on a left-padded batch (make_generation.py)."""
   from jaxlm.generate import generate
@@ -224,7 +229,7 @@ def test_greedy_matches_transformers_generate(loaded, name):
   assert (got[:, want.shape[1]:] == int(g["pad_token_id"])).all()
 
 
-@pytest.mark.parametrize("name", QWEN2 + GEMMA)
+@pytest.mark.parametrize("name", QWEN2 + GEMMA + FALCON_COHERE)
 def test_parameter_count_matches_transformers(loaded, name):
   from jaxlm.params import flat_params
   with open(os.path.join(fixture(""), "versions.json")) as f:
@@ -308,7 +313,8 @@ def test_sliding_window_fixture_beyond_receptive_field(loaded):
 
 
 # ---- packed sequences ------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "bloom", "gpt_neox"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "bloom", "gpt_neox", "falcon_alibi",
+                                  "cohere_qk"])
 def test_packed_documents_match_separate_runs(loaded, name):
   model = loaded[name]
   rng = np.random.default_rng(0)

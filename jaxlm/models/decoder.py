@@ -1,5 +1,5 @@
 """Decoder-only causal language models (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX, Mixtral,
-Qwen2, Gemma, Gemma 2).
+Qwen2, Gemma, Gemma 2, Falcon, Cohere).
 
 One generic composition of the shared block (models/block.py), steered only by
 ModelConfig fields:
@@ -26,9 +26,8 @@ from jaxlm.layers.attention import MaskSpec
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
-from jaxlm.layers.position import alibi_bias
 from jaxlm.layers.vocab_loss import Projection
-from jaxlm.models.base import (RESIDUAL_AXES, PreTrainedModel, dtypes, rope_spec,
+from jaxlm.models.base import (RESIDUAL_AXES, PreTrainedModel, alibi_spec, dtypes, rope_spec,
                                router_outputs, run_block)
 from jaxlm.models.block import TransformerBlock, norm
 from jaxlm.models.heads import last_token_positions, pool_at
@@ -69,6 +68,7 @@ class Decoder(nnx.Module):
                             for _ in range(cfg.num_hidden_layers)])
     self.norm = norm(cfg) if cfg.norm_position == "pre" else None
     self.rope = rope_spec(cfg)
+    self.alibi = alibi_spec(cfg)
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None,
                  window_slack: int = 0) -> list[dict]:
@@ -105,8 +105,7 @@ class Decoder(nnx.Module):
     # Position tables are computed once per forward and shared by every layer.
     rope = self.rope(position_ids) if self.rope is not None else None
     # With a cache, attention computes ALiBi from the cached keys' positions.
-    bias = (alibi_bias(position_ids, cfg.num_attention_heads)
-            if cfg.position_embedding_type == "alibi" and cache is None else None)
+    bias = self.alibi(position_ids) if self.alibi is not None and cache is None else None
     new_cache = []
     for i, layer in enumerate(self.layers):
       kw = {} if cache is None else {"cache": cache[i], "positions": position_ids}
@@ -160,6 +159,8 @@ class DecoderForCausalLM(PreTrainedModel):
                               position_ids=position_ids, cache=cache, rngs=rngs)
     proj = (self.model.embed.projection(h_BTD) if self.lm_head is None
             else Projection.of_dense(self.lm_head, h_BTD))
+    if self.config.logit_scale is not None:  # Cohere: logits times logit_scale
+      proj = proj.replace(scale=self.config.logit_scale)
     if self.config.final_logit_softcapping is not None:
       proj = proj.replace(softcap=self.config.final_logit_softcapping)
     if attention_mask is None and segment_ids is not None:
@@ -208,7 +209,7 @@ ARCHITECTURES = {
     for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
                  "BloomForCausalLM", "MptForCausalLM", "GPTNeoXForCausalLM",
                  "MixtralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM",
-                 "Gemma2ForCausalLM")
+                 "Gemma2ForCausalLM", "FalconForCausalLM", "CohereForCausalLM")
 }
 ARCHITECTURES.update({
     name: DecoderForSequenceClassification
