@@ -177,7 +177,8 @@ def closed_form_params(mc: ModelConfig) -> dict[str, int]:
     L = mc.num_hidden_layers
     position = mc.max_position_embeddings * D if mc.position_embedding_type == "absolute" else 0
     embedding = V * D + position
-    norms = 4 if mc.sandwich_norm else 2  # sandwich: the sublayer outputs are normed too
+    # sandwich: the sublayer outputs are normed too; a shared parallel norm serves both
+    norms = 4 if mc.sandwich_norm else 1 if mc.parallel_shared_norm else 2
     total = embedding + L * (_attention(mc) + mlp + norms * _norm(mc)) + lm_head
     total += _norm(mc) if mc.embedding_norm else 0
     total += _norm(mc) if mc.norm_position == "pre" else 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -41,6 +42,7 @@ _CHOICES = {
     "norm_position": ("post", "pre"),
     "mlp_type": ("plain", "gated"),
     "position_embedding_type": ("absolute", "rope", "alibi", "relative", "none"),
+    "alibi_style": ("bloom", "falcon"),
 }
 
 
@@ -119,6 +121,9 @@ class ModelConfig:
   attention_bias: bool = True  # q/k/v projection biases
   attention_out_bias: bool | None = None  # output projection bias (None: attention_bias)
   parallel_residual: bool = False  # x + attn(ln1 x) + mlp(ln2 x) (GPT-NeoX)
+  # parallel_residual with ONE norm feeding both branches: h = ln x; x + attn h + mlp h
+  # (Falcon-7B, Cohere)
+  parallel_shared_norm: bool = False
   # pre-LN plus a norm on each sublayer's output before the residual add (Gemma 2):
   # x = x + norm(attn(norm x)); x = x + norm(ff(norm x))
   sandwich_norm: bool = False
@@ -135,6 +140,7 @@ class ModelConfig:
   # cap * tanh(x / cap) on the scaled attention logits / the LM head's logits (Gemma 2)
   attn_logit_softcapping: float | None = None
   final_logit_softcapping: float | None = None
+  logit_scale: float | None = None  # the LM head's logits times this (Cohere); None: 1
   # A norm on each head's queries and keys before RoPE: "rmsnorm" (one [head_dim] scale
   # shared by the heads, with norm_scale_offset; Qwen3, Gemma 3) or "layernorm" (bias-free,
   # a scale per head [heads, head_dim]; Cohere). None: no q/k norm.
@@ -152,6 +158,11 @@ class ModelConfig:
   # RoPE base of the "sliding_attention" layers of layer_types, which then rotate without
   # rope_scaling (Gemma 3's local layers); None: every layer uses rope_theta / rope_scaling.
   rope_local_base_freq: float | None = None
+  # RoPE rotates dim pairs (2i, 2i+1) (Cohere; GPT-J style) instead of (i, i + R/2) (Llama)
+  rope_interleaved: bool = False
+  # "bloom" (BLOOM, MPT): bias slope * key_position; "falcon": that bias computed in
+  # bfloat16 and scaled by 1/sqrt(head_dim) like the logits (transformers' Falcon)
+  alibi_style: str = "bloom"
   relative_attention_num_buckets: int = 32  # T5 relative bias
   relative_attention_max_distance: int = 128
 
@@ -294,6 +305,13 @@ class ModelConfig:
     if self.norm_scale_offset and self.norm_type != "rmsnorm":
       raise ConfigError("model.norm_scale_offset needs model.norm_type='rmsnorm', got "
                         f"{self.norm_type!r}")
+    if self.parallel_shared_norm and not self.parallel_residual:
+      raise ConfigError("model.parallel_shared_norm needs model.parallel_residual")
+    if self.logit_scale is not None and (isinstance(self.logit_scale, bool) or not isinstance(
+        self.logit_scale, (int, float)) or not math.isfinite(self.logit_scale)
+        or self.logit_scale == 0):
+      raise ConfigError(f"model.logit_scale must be a finite nonzero number or None, got "
+                        f"{self.logit_scale!r}")
     if self.sandwich_norm and (self.norm_position != "pre" or self.parallel_residual):
       raise ConfigError("model.sandwich_norm needs model.norm_position='pre' and no "
                         "model.parallel_residual")

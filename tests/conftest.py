@@ -80,3 +80,46 @@ def dot_operand_types(fn, *args) -> list[str]:
 def dot_types_in(stablehlo: str) -> list[str]:
   """Element types of the first operand of every dot in a lowered program's text."""
   return re.findall(r"dot_general[^\n]*?: \(tensor<[0-9x]*(\w+)>", stablehlo)
+
+
+def pallas_vs_xla(cfg, params, name: str) -> tuple[float, float, bool, float]:
+  """The model `cfg` with `params` (nnx.Param state) run on the inputs of fixture `name`
+  with attention_impl "xla" and "pallas" (interpret mode on CPU): (largest error of the
+  real positions' logits, of any gradient of a weighted logits sum; both relative to
+  max(1, |xla|)), whether every xla gradient is live, and the largest gradient error
+  relative to max(1, its leaf's largest |xla| entry)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  from jaxlm import Runtime  # noqa: PLC0415
+  from jaxlm.models import auto  # noqa: PLC0415
+  inputs = dict(np.load(os.path.join(fixture(name), "inputs.npz")))
+  ids = jnp.asarray(inputs["input_ids"], jnp.int32)
+  mask = jnp.asarray(inputs["attention_mask"], jnp.int32)
+  real = mask.astype(jnp.float32)
+  w = jax.random.normal(jax.random.key(0), (cfg.vocab_size,))
+
+  def run(impl):
+    model = auto.build_abstract_model(cfg, runtime=Runtime(attention_impl=impl))
+    nnx.update(model, params)
+    graphdef, p0 = nnx.split(model, nnx.Param)
+
+    def f(p):
+      logits = nnx.merge(graphdef, p)(ids, mask).logits
+      return (logits * real[..., None] * w).sum() / real.sum(), logits
+    (_, logits), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(p0)
+    return np.asarray(logits), [np.asarray(g) for g in jax.tree.leaves(grads)]
+
+  want, want_g = run("xla")
+  got, got_g = run("pallas")
+  on = np.asarray(mask, bool)
+
+  def err(a, b):
+    return float(np.max(np.abs(a - b) / np.maximum(1.0, np.abs(b))))
+
+  return (err(got[on], want[on]), max(err(a, b) for a, b in zip(got_g, want_g)),
+          all(float(np.abs(g).sum()) > 0 for g in want_g),
+          max(float(np.max(np.abs(a - b))) / max(1.0, float(np.max(np.abs(b))))
+              for a, b in zip(got_g, want_g)))

@@ -45,6 +45,9 @@ def test_reads_hugging_face_bert_config(tmp_path):
     (dict(rope_local_base_freq=1e4), "model.rope_local_base_freq"),  # not rope, no layer_types
     (dict(position_embedding_type="rope", num_hidden_layers=1, layer_types=["full_attention"],
           rope_local_base_freq=0.0), "model.rope_local_base_freq must be positive"),
+    (dict(parallel_shared_norm=True), "model.parallel_shared_norm needs"),
+    (dict(logit_scale=0.0), "model.logit_scale"),
+    (dict(alibi_style="mpt"), "model.alibi_style"),
 ])
 def test_validation_names_the_key(kwargs, needle):
   with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):

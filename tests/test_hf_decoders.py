@@ -1,5 +1,5 @@
 """Decoder families (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX, Qwen2, Qwen3, Gemma, Gemma 2,
-Gemma 3)
+Gemma 3, Falcon, Cohere)
 against transformers' outputs on the tiny fixtures (tests/fixtures/hf), HF-format round
 trips, greedy generation, the position encodings (RoPE, ALiBi), sliding windows, packed
 sequences and named errors."""
@@ -30,14 +30,17 @@ QWEN2 = ("qwen2", "qwen2_tied", "qwen2_mixed")
 # q/k norm, tied, full attention; + q/k/v/o biases, sliding/full/sliding W=4, untied
 # (more in test_hf_qwen.py)
 QWEN3 = ("qwen3", "qwen3_b")
+# Falcon: old multi-head, multi-query, new architecture (GQA, two norms), ALiBi (sequential);
+# Cohere: without and with q/k norms (more in test_hf_falcon_cohere.py)
+FALCON_COHERE = ("falcon", "falcon_mq", "falcon_new", "falcon_alibi", "cohere", "cohere_qk")
 # tied, MQA, legacy "gelu"; biases, untied; sliding/full/sliding W=4 with both soft caps;
 # full/sliding/full W=6, final cap only, untied; Gemma 3: sliding/sliding/full W=4 with local
 # and global RoPE bases; full/sliding/sliding/full W=6, linear scaling on the global layers,
 # final cap, biases, untied (more in test_hf_gemma.py)
 GEMMA = ("gemma", "gemma_b", "gemma2", "gemma2_b", "gemma3", "gemma3_b")
 FAMILIES = ("gpt2", "llama", "llama3_scaling", "mistral", "bloom", "mpt", "gpt_neox",
-            "llama_sharded") + QWEN2 + QWEN3 + GEMMA
-LEGACY = ("llama", "llama3_scaling", "mistral", "gpt_neox") + QWEN2 + QWEN3 + GEMMA
+            "llama_sharded") + QWEN2 + QWEN3 + GEMMA + FALCON_COHERE
+LEGACY = ("llama", "llama3_scaling", "mistral", "gpt_neox") + QWEN2 + QWEN3 + GEMMA + FALCON_COHERE
 # (LEGACY: have config.legacy.json)
 CASES = [(f, False) for f in FAMILIES] + [(f, True) for f in LEGACY]
 
@@ -216,7 +219,7 @@ def test_unsupported_rope_type_names_the_key(tmp_path):
 
 
 # ---- zoo III: generation and parameter counts ------------------------------------------------
-@pytest.mark.parametrize("name", QWEN2 + QWEN3 + GEMMA)
+@pytest.mark.parametrize("name", QWEN2 + QWEN3 + GEMMA + FALCON_COHERE)
 def test_greedy_matches_transformers_generate(loaded, name):
   """transformers' greedy generate on a left-padded batch (make_generation.py)."""
   from jaxlm.generate import generate
@@ -231,7 +234,7 @@ def test_greedy_matches_transformers_generate(loaded, name):
   assert (got[:, want.shape[1]:] == int(g["pad_token_id"])).all()
 
 
-@pytest.mark.parametrize("name", QWEN2 + QWEN3 + GEMMA)
+@pytest.mark.parametrize("name", QWEN2 + QWEN3 + GEMMA + FALCON_COHERE)
 def test_parameter_count_matches_transformers(loaded, name):
   from jaxlm.params import flat_params
   with open(os.path.join(fixture(""), "versions.json")) as f:
@@ -312,7 +315,8 @@ def test_sliding_window_fixture_beyond_receptive_field(loaded):
 
 
 # ---- packed sequences ------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "bloom", "gpt_neox"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "bloom", "gpt_neox", "falcon_alibi",
+                                  "cohere_qk"])
 def test_packed_documents_match_separate_runs(loaded, name):
   model = loaded[name]
   rng = np.random.default_rng(0)

@@ -9,14 +9,13 @@ import os
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import jaxlm
-from conftest import assert_hf_config_refused, fixture
-from jaxlm import ConfigError, Runtime
+from conftest import assert_hf_config_refused, fixture, pallas_vs_xla
+from jaxlm import ConfigError
 from jaxlm.hf import family_of, read_hf_config
 from jaxlm.models import auto
 
@@ -194,36 +193,11 @@ def test_pallas_matches_xla_with_soft_caps_and_alternating_windows(loaded, name,
   2e-5 and every gradient within `grad_tol` (relative to max(1, |x|)) and 2e-5 of its
   leaf's largest entry, soft caps and windows included (Gemma 2), q/k norms before the
   kernel and RoPE per layer type (Gemma 3)."""
-  gemma2 = loaded[name]
-  inputs = dict(np.load(os.path.join(fixture(name), "inputs.npz")))
-  ids = jnp.asarray(inputs["input_ids"], jnp.int32)
-  mask = jnp.asarray(inputs["attention_mask"], jnp.int32)
-  real = mask.astype(jnp.float32)
-  w = jax.random.normal(jax.random.key(0), (gemma2.config.vocab_size,))
-
-  def run(impl):
-    model = auto.build_abstract_model(gemma2.config, runtime=Runtime(attention_impl=impl))
-    nnx.update(model, nnx.state(gemma2, nnx.Param))
-    graphdef, params = nnx.split(model, nnx.Param)
-
-    def f(p):
-      logits = nnx.merge(graphdef, p)(ids, mask).logits
-      return (logits * real[..., None] * w).sum() / real.sum(), logits
-    (_, logits), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
-    return np.asarray(logits), jax.tree.leaves(grads)
-
-  want, want_g = run("xla")
-  got, got_g = run("pallas")
-  on = np.asarray(mask, bool)
-
-  def err(a, b):
-    return float(np.max(np.abs(a - b) / np.maximum(1.0, np.abs(b))))
-
-  assert err(got[on], want[on]) <= 2e-5
-  assert max(err(np.asarray(a), np.asarray(b)) for a, b in zip(got_g, want_g)) <= grad_tol
-  assert max(float(np.max(np.abs(a - b)) / max(1.0, np.max(np.abs(b))))
-             for a, b in zip(got_g, want_g)) <= 2e-5
-  assert sum(float(np.abs(g).sum()) > 0 for g in want_g) == len(want_g)  # every grad is live
+  model = loaded[name]
+  logits_err, grads_err, live, leaf_err = pallas_vs_xla(model.config,
+                                                        nnx.state(model, nnx.Param), name)
+  assert logits_err <= 2e-5 and grads_err <= grad_tol and leaf_err <= 2e-5
+  assert live  # every grad is live
 
 
 def test_options_another_family_cannot_express_fall_back_to_a_jaxlm_export(tmp_path):

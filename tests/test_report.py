@@ -53,6 +53,30 @@ def test_llama_1b_params():
     assert got["total"] == total and got["embedding"] == V * D and got["lm_head"] == 0
 
 
+def test_falcon_7b_params():
+  # Falcon-7B with its 65024-token vocabulary: the published 6.92B. Multi-query attention
+  # (one KV head), one LayerNorm (with bias) per block, no linear biases, tied head.
+  D, L, H, hd, F, V = 4544, 32, 71, 64, 4 * 4544, 65024
+  layer = D * H * hd + 2 * D * hd + H * hd * D + 2 * D * F + 2 * D
+  total = V * D + L * layer + 2 * D  # + the final LayerNorm
+  assert total == 6_921_720_704
+  mc = model_config("configs/falcon_7b.py", vocab_size=V)
+  for got in (counted(mc), analysis.closed_form_params(mc)):
+    assert got["total"] == total and got["embedding"] == V * D and got["lm_head"] == 0
+
+
+def test_command_r_params():
+  # Command-R v01 with its 256000-token vocabulary: 34.98B ("35B"). 64 KV heads, SwiGLU,
+  # one bias-free LayerNorm per block, tied head.
+  D, L, F, V = 8192, 40, 22528, 256000
+  layer = 4 * D * D + 3 * D * F + D
+  total = V * D + L * layer + D
+  assert total == 34_980_831_232
+  mc = model_config("configs/command_r.py", vocab_size=V)
+  for got in (counted(mc), analysis.closed_form_params(mc)):
+    assert got["total"] == total and got["lm_head"] == 0
+
+
 def test_mixtral_8x7b_params_and_active():
   # Mixtral 8x7B with its 32000-token vocabulary: 46.7B total, 12.9B active per token.
   D, L, H, KV, hd, F, V, E, k = 4096, 32, 32, 8, 128, 14336, 32000, 8, 2

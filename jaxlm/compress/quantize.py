@@ -316,11 +316,12 @@ class QuantProjection:
   vocab_major: bool = flax.struct.field(pytree_node=False, default=True)
   dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)
   softcap: float | None = flax.struct.field(pytree_node=False, default=None)
+  scale: float | None = flax.struct.field(pytree_node=False, default=None)
 
   def logits(self):
     out = qmatmul(self.h, self.arrays, self.spec, self.dtype)
     out = out if self.bias is None else out + self.bias.astype(jnp.float32)
-    return softcap(out, self.softcap)
+    return softcap(out if self.scale is None else out * self.scale, self.softcap)
 
   @property
   def w(self):

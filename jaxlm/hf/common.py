@@ -131,6 +131,15 @@ class TensorMap:
     self.rules.append(Fused(hf, tuple(jax), split, fuse))
     return self
 
+  def fused_linear(self, hf_prefix: str, jax_prefixes: Sequence[str], split, fuse, *,
+                   bias: bool) -> TensorMap:
+    """A torch Linear whose output rows hold several jaxlm Denses (a fused QKV): its
+    weight and bias each split with `split` (and fuse back with `fuse`), which take and
+    give weights in torch's [out, in] rows and jaxlm kernels [in, out] (qkv_split_*)."""
+    for part, jp in (("weight", "kernel"), ("bias", "bias"))[:2 if bias else 1]:
+      self.fused(f"{hf_prefix}.{part}", [f"{j}.{jp}" for j in jax_prefixes], split, fuse)
+    return self
+
   def stacked(self, hf: Sequence[str], jax: str, stack, unstack) -> TensorMap:
     self.rules.append(Stacked(tuple(hf), jax, stack, unstack))
     return self
@@ -282,20 +291,41 @@ def qkv_fuse_blocks(parts: Sequence[np.ndarray], *, transpose: bool) -> np.ndarr
   return np.concatenate(parts, axis=-1)
 
 
-def qkv_split_interleaved(w: np.ndarray, num_heads: int, head_dim: int):
-  """Per-head [q_h, k_h, v_h] rows (BLOOM, GPT-NeoX query_key_value): a Linear weight
-  [N*3*H, D] or its bias [N*3*H] -> q, k, v as jaxlm kernels [D, N*H] / biases [N*H]."""
-  if w.shape[0] != num_heads * 3 * head_dim:
+def qkv_split_grouped(w: np.ndarray, num_kv_heads: int, group: int, head_dim: int):
+  """Per KV group, the group's G query heads, then its key and its value head: rows
+  [K, G + 2, H] (Falcon's query_key_value). G = 1 is the per-head [q_h, k_h, v_h] of
+  BLOOM, GPT-NeoX and Falcon's old multi-head layout; K = 1 is Falcon's multi-query
+  [q_1 .. q_N, k, v]. A Linear weight [K*(G+2)*H, D] or its bias -> q [D, K*G*H] and
+  k, v [D, K*H] as jaxlm kernels (or biases [K*G*H], [K*H]); query head k*G + g serves
+  KV head k, as jaxlm's grouped attention reads it."""
+  K, G, H = num_kv_heads, group, head_dim
+  if w.shape[0] != K * (G + 2) * H:
     raise ValueError("fused size mismatch")
-  w_N3H_ = w.reshape(num_heads, 3, head_dim, *w.shape[1:])
-  parts = [w_N3H_[:, i].reshape(num_heads * head_dim, *w.shape[1:]) for i in range(3)]
+  rest = w.shape[1:]
+  w_KGH_ = w.reshape(K, G + 2, H, *rest)
+  parts = [w_KGH_[:, :G].reshape(K * G * H, *rest), w_KGH_[:, G].reshape(K * H, *rest),
+           w_KGH_[:, G + 1].reshape(K * H, *rest)]
   return [p.T if p.ndim == 2 else p for p in parts]
 
 
+def qkv_fuse_grouped(parts: Sequence[np.ndarray], num_kv_heads: int, group: int,
+                     head_dim: int) -> np.ndarray:
+  K, G, H = num_kv_heads, group, head_dim
+  q, k, v = [p.T if p.ndim == 2 else p for p in parts]  # back to rows [out, (D)]
+  rest = q.shape[1:]
+  w_KGH_ = np.concatenate([q.reshape(K, G, H, *rest), k.reshape(K, 1, H, *rest),
+                           v.reshape(K, 1, H, *rest)], axis=1)
+  return w_KGH_.reshape(K * (G + 2) * H, *rest)
+
+
+def qkv_split_interleaved(w: np.ndarray, num_heads: int, head_dim: int):
+  """Per-head [q_h, k_h, v_h] rows (BLOOM, GPT-NeoX query_key_value): a Linear weight
+  [N*3*H, D] or its bias [N*3*H] -> q, k, v as jaxlm kernels [D, N*H] / biases [N*H]."""
+  return qkv_split_grouped(w, num_heads, 1, head_dim)
+
+
 def qkv_fuse_interleaved(parts: Sequence[np.ndarray], num_heads: int, head_dim: int):
-  rows = [p.T if p.ndim == 2 else p for p in parts]  # back to [N*H, (D)]
-  stacked = np.stack([r.reshape(num_heads, head_dim, *r.shape[1:]) for r in rows], axis=1)
-  return stacked.reshape(num_heads * 3 * head_dim, *rows[0].shape[1:])
+  return qkv_fuse_grouped(parts, num_heads, 1, head_dim)
 
 
 # ---- config helpers --------------------------------------------------------------------
@@ -409,7 +439,8 @@ def labels_to_hf(cfg: ModelConfig) -> dict:
 OPTIONAL_FIELDS = dict(sandwich_norm=False, norm_scale_offset=0.0, scale_embeddings=False,
                        layer_types=None, query_pre_attn_scalar=None,
                        attn_logit_softcapping=None, final_logit_softcapping=None,
-                       qk_norm=None, rope_local_base_freq=None)
+                       qk_norm=None, rope_local_base_freq=None, parallel_shared_norm=False,
+                       logit_scale=None, rope_interleaved=False, alibi_style="bloom")
 
 
 def check_optional_fields(cfg: ModelConfig, arch: str, features=()) -> None:

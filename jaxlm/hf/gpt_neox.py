@@ -56,12 +56,9 @@ def tensor_map(cfg: ModelConfig) -> TensorMap:
   for i in range(cfg.num_hidden_layers):
     h, j = f"gpt_neox.layers.{i}", f"model.layers.{i}"
     tm.norm(f"{h}.input_layernorm", f"{j}.attn_norm", bias=True)
-    parts = (("weight", "kernel"), ("bias", "bias")) if cfg.attention_bias else (
-        ("weight", "kernel"),)
-    for part, jp in parts:
-      tm.fused(f"{h}.attention.query_key_value.{part}", [f"{j}.attn.{n}.{jp}" for n in "qkv"],
-               lambda w: qkv_split_interleaved(w, N, H),
-               lambda ps: qkv_fuse_interleaved(ps, N, H))
+    tm.fused_linear(f"{h}.attention.query_key_value", [f"{j}.attn.{n}" for n in "qkv"],
+                    lambda w: qkv_split_interleaved(w, N, H),
+                    lambda ps: qkv_fuse_interleaved(ps, N, H), bias=cfg.attention_bias)
     tm.linear(f"{h}.attention.dense", f"{j}.attn.o", bias=cfg.attention_bias)
     tm.norm(f"{h}.post_attention_layernorm", f"{j}.mlp_norm", bias=True)
     tm.linear(f"{h}.mlp.dense_h_to_4h", f"{j}.mlp.up", bias=True)

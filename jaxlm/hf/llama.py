@@ -96,13 +96,14 @@ def tensor_map(cfg: ModelConfig, arch: str) -> TensorMap:
   tm.rename("model.embed_tokens.weight", "model.embed.embedding")
   for i in range(cfg.num_hidden_layers):
     h, j = f"model.layers.{i}", f"model.layers.{i}"
-    for hf_name, jax_name in _NORMS[cfg.sandwich_norm]:
+    # parallel_shared_norm (Cohere): input_layernorm alone feeds attention and MLP
+    for hf_name, jax_name in _NORMS[cfg.sandwich_norm][:1 if cfg.parallel_shared_norm else None]:
       tm.norm(f"{h}.{hf_name}", f"{j}.{jax_name}", bias=False)
     for hf_name, jax_name in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
       tm.linear(f"{h}.self_attn.{hf_name}", f"{j}.attn.{jax_name}", bias=cfg.attention_bias)
-    if cfg.qk_norm == "rmsnorm":  # Qwen3, Gemma 3: one [head_dim] scale each
-      tm.norm(f"{h}.self_attn.q_norm", f"{j}.attn.q_norm", bias=False)
-      tm.norm(f"{h}.self_attn.k_norm", f"{j}.attn.k_norm", bias=False)
+    if cfg.qk_norm is not None:  # per-head query / key norms (model.qk_norm)
+      for n in "qk":
+        tm.norm(f"{h}.self_attn.{n}_norm", f"{j}.attn.{n}_norm", bias=False)
     out_bias = cfg.attention_bias if cfg.attention_out_bias is None else cfg.attention_out_bias
     tm.linear(f"{h}.self_attn.o_proj", f"{j}.attn.o", bias=out_bias)
     for hf_name, jax_name in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):

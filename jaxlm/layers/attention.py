@@ -24,7 +24,7 @@ from jaxlm.layers.activations import softcap as apply_softcap
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.kv_cache import KVCache, cached_mask
 from jaxlm.layers.linear import Dense, einsum
-from jaxlm.layers.position import RoPE, alibi_bias, alibi_slopes, apply_rope
+from jaxlm.layers.position import ALiBi, RoPE, apply_rope
 from jaxlm.parallel.rules import constrain
 
 
@@ -192,13 +192,15 @@ class Attention(nnx.Module):
   def __init__(self, hidden_size: int, num_heads: int, *, num_kv_heads: int | None = None,
                head_dim: int | None = None, use_bias: bool = True, out_bias: bool | None = None,
                dropout_rate: float = 0.0, init_std: float = 0.02, impl: str = "xla",
-               rope: RoPE | None = None, alibi: bool = False, dense_bias: bool = False,
+               rope: RoPE | None = None, alibi: ALiBi | None = None,
+               dense_bias: bool = False,
                scale: float | None = None, softcap: float | None = None,
                q_norm: nnx.Module | None = None, k_norm: nnx.Module | None = None,
                cross: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     """`q_norm`, `k_norm`: norms over each head's [.., head_dim] queries / keys, applied
-    before RoPE (Qwen3, Gemma 3, Cohere); block.attention builds them from the config."""
+    before RoPE (Qwen3, Gemma 3, Cohere); block.attention builds them from the config.
+    `alibi`: the ALiBi spec of the `bias` callers pass (None: no ALiBi)."""
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads or num_heads
     self.head_dim = head_dim or hidden_size // num_heads
@@ -214,7 +216,7 @@ class Attention(nnx.Module):
     # alibi: the `bias` callers pass is ALiBi, which the kernels compute from slopes.
     self.impl = resolve_impl(impl, dense_bias=dense_bias, softcap=softcap is not None,
                              dtype=dtype)
-    self.alibi = alibi
+    self.alibi = alibi  # static spec: computes the bias from cached positions too
     self.rope = rope  # static spec: lets callers pass position_ids instead of cos/sin
     self.scale = scale
     self.softcap = softcap  # cap * tanh(logits / cap) on the scaled logits (Gemma 2)
@@ -256,7 +258,9 @@ class Attention(nnx.Module):
       rope = self.rope(position_ids)
     if rope is not None:
       cos_BTR, sin_BTR = rope
-      q_BTNH, k_BSKH = apply_rope(q_BTNH, cos_BTR, sin_BTR), apply_rope(k_BSKH, cos_BTR, sin_BTR)
+      pairs = self.rope is not None and self.rope.interleaved
+      q_BTNH = apply_rope(q_BTNH, cos_BTR, sin_BTR, pairs)
+      k_BSKH = apply_rope(k_BSKH, cos_BTR, sin_BTR, pairs)
     if cache is None:
       out_BTNH = self._attend(q_BTNH, k_BSKH, v_BSKH, mask, bias, rngs)
     else:
@@ -306,8 +310,8 @@ class Attention(nnx.Module):
         k_pos_BS = jnp.concatenate([cache.pos, new_pos_BT], axis=1)
         cache = cache.write(k_BTKH, v_BTKH, new_pos_BT)
       dense = cached_mask(q_pos_BT, k_pos_BS, causal=spec.causal, window=spec.window)
-    if self.alibi:
-      bias = alibi_bias(k_pos_BS, self.num_heads)
+    if self.alibi is not None:
+      bias = self.alibi(k_pos_BS)
     elif callable(bias):
       bias = bias(q_pos_BT, k_pos_BS)
     # k_, v_: the cache's [B, K, S, H], except a self-attention prefill's [B, S, K, H].
@@ -342,7 +346,7 @@ class Attention(nnx.Module):
     from jaxlm.kernels import flash_attention  # noqa: PLC0415 (Pallas: only when chosen)
     if spec is None and mask is not None:
       raise ValueError("Attention(impl='pallas') needs a MaskSpec, not a dense mask")
-    if bias is not None and not self.alibi:
+    if bias is not None and self.alibi is None:
       raise ConfigError("model.attention_impl='pallas' cannot add a dense attention bias")
     segments = None
     if spec is not None and spec.kv_segment_ids is not None:
@@ -352,5 +356,6 @@ class Attention(nnx.Module):
         causal=spec is not None and spec.causal,
         sliding_window=spec.window if spec is not None else None,
         segment_ids=segments, sm_scale=self.scale, logits_soft_cap=self.softcap,
-        alibi_slopes=alibi_slopes(self.num_heads) if self.alibi and bias is not None else None)
+        alibi_slopes=self.alibi.slopes() if self.alibi is not None and bias is not None
+        else None)
     return out.astype(jnp.float32)

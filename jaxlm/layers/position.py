@@ -66,11 +66,16 @@ def rope_inv_freq(dim: int, theta: float = 10000.0, scaling: dict | None = None)
 
 
 def rope_cos_sin(position_ids_BT, dim: int, theta: float = 10000.0,
-                 scaling: dict | None = None):
-  """cos/sin tables [B, T, dim] for integer positions, in HF's duplicated-halves layout."""
+                 scaling: dict | None = None, interleaved: bool = False):
+  """cos/sin tables [B, T, dim] for integer positions, in HF's duplicated-halves layout
+  (f0 f1 .. f0 f1 ..), or with `interleaved` each frequency twice in a row (f0 f0 f1 f1 ..:
+  Cohere, where dims 2i and 2i+1 rotate together)."""
   inv_freq_F = jnp.asarray(_inv_freq(dim, float(theta), _scaling_key(scaling)))
   freqs_BTF = position_ids_BT[..., None].astype(jnp.float32) * inv_freq_F
-  emb_BTR = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
+  if interleaved:
+    emb_BTR = jnp.repeat(freqs_BTF, 2, axis=-1)
+  else:
+    emb_BTR = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
   return jnp.cos(emb_BTR), jnp.sin(emb_BTR)
 
 
@@ -81,14 +86,17 @@ class RoPE:
   dim: int  # rotary dims per head (even)
   theta: float = 10000.0
   scaling: tuple = ()  # sorted (key, value) items of the HF rope_scaling dict
+  interleaved: bool = False  # pairs (2i, 2i+1) rotate together, not (i, i + dim/2)
 
   @classmethod
   def create(cls, head_dim: int, *, theta: float = 10000.0, partial_rotary_factor: float = 1.0,
-             scaling: dict | None = None) -> RoPE:
-    return cls(rotary_dim(head_dim, partial_rotary_factor), float(theta), _scaling_key(scaling))
+             scaling: dict | None = None, interleaved: bool = False) -> RoPE:
+    return cls(rotary_dim(head_dim, partial_rotary_factor), float(theta), _scaling_key(scaling),
+               interleaved)
 
   def __call__(self, position_ids_BT):
-    return rope_cos_sin(position_ids_BT, self.dim, self.theta, dict(self.scaling))
+    return rope_cos_sin(position_ids_BT, self.dim, self.theta, dict(self.scaling),
+                        self.interleaved)
 
 
 def rotate_half(x):
@@ -96,12 +104,19 @@ def rotate_half(x):
   return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def apply_rope(x_BTNH, cos_BTR, sin_BTR):
-  """Rotates the first R dims of every head (R = cos.shape[-1]); the rest pass through."""
+def rotate_pairs(x):
+  """(x0, x1, x2, x3, ..) -> (-x1, x0, -x3, x2, ..): the interleaved layout's rotate_half."""
+  x_P2 = x.reshape(*x.shape[:-1], -1, 2)
+  return jnp.stack([-x_P2[..., 1], x_P2[..., 0]], axis=-1).reshape(x.shape)
+
+
+def apply_rope(x_BTNH, cos_BTR, sin_BTR, interleaved: bool = False):
+  """Rotates the first R dims of every head (R = cos.shape[-1]); the rest pass through.
+  `interleaved`: the tables and the rotation pair dims (2i, 2i+1) (RoPE.interleaved)."""
   R = cos_BTR.shape[-1]
   x_rot, x_pass = x_BTNH[..., :R], x_BTNH[..., R:]
   cos, sin = cos_BTR[:, :, None, :], sin_BTR[:, :, None, :]
-  x_rot = x_rot * cos + rotate_half(x_rot) * sin
+  x_rot = x_rot * cos + (rotate_pairs(x_rot) if interleaved else rotate_half(x_rot)) * sin
   if R == x_BTNH.shape[-1]:
     return x_rot
   return jnp.concatenate([x_rot, x_pass.astype(x_rot.dtype)], axis=-1)
@@ -137,9 +152,53 @@ def alibi_bias(position_ids_BS, num_heads: int):
   cumsum) and MPT's (positions offset by the sequence length) whenever masked keys are
   excluded and positions are contiguous within what a query can see.
   """
-  slopes_N = jnp.asarray(_alibi_slopes(num_heads))
-  pos_BS = position_ids_BS.astype(jnp.float32)
-  return slopes_N[None, :, None, None] * pos_BS[:, None, None, :]
+  return ALiBi(num_heads)(position_ids_BS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ALiBi:
+  """An ALiBi spec (hashable static data, like RoPE). style "bloom" (BLOOM, MPT): the bias
+  slope * key_position in float32, added to the scaled logits. "falcon" (transformers'
+  Falcon): slopes and each slope * position are rounded to bfloat16, and the bias is
+  scaled by 1/sqrt(head_dim) like the logits (as if added before the scaling)."""
+
+  num_heads: int
+  style: str = "bloom"
+  head_dim: int = 1  # "falcon" only
+
+  def _falcon_div(self) -> np.float32:
+    return np.float32(math.sqrt(self.head_dim))  # divided by, as transformers does
+
+  def slopes(self) -> np.ndarray:
+    """Per-head slopes [N] of the bias as the flash kernel adds it (slope * (j - i')).
+    "falcon": bf16(slope) / sqrt(head_dim); equal to __call__ wherever bf16(slope) * pos is
+    exact in bfloat16 (power-of-two head counts up to 8, positions < 256)."""
+    slopes = _alibi_slopes(self.num_heads)
+    if self.style == "bloom":
+      return slopes.copy()
+    rounded = slopes.astype(jnp.bfloat16).astype(np.float32)  # NumPy: static, never traced
+    return (rounded / self._falcon_div()).astype(np.float32)
+
+  def __call__(self, position_ids_BS):
+    """Additive logits bias [B, N, 1, S] for the keys' positions (see alibi_bias)."""
+    slopes_N = jnp.asarray(_alibi_slopes(self.num_heads))
+    if self.style == "bloom":
+      pos_BS = position_ids_BS.astype(jnp.float32)
+      return slopes_N[None, :, None, None] * pos_BS[:, None, None, :]
+    # torch: bf16 slopes * int64 positions -> bf16. Both factors have <= 8 significant bits,
+    # so their float32 product is exact and one rounding gives torch's bfloat16 result.
+    slopes_N = round_to_bfloat16(slopes_N)
+    pos_BS = round_to_bfloat16(position_ids_BS.astype(jnp.float32))
+    bias_BN1S = round_to_bfloat16(slopes_N[None, :, None, None] * pos_BS[:, None, None, :])
+    return bias_BN1S / self._falcon_div()
+
+
+def round_to_bfloat16(x_f32):
+  """float32 -> the nearest bfloat16 value (ties to even), kept in float32. Done on the bits:
+  a convert pair may be dropped under jit (XLA's excess-precision default)."""
+  bits = jax.lax.bitcast_convert_type(x_f32.astype(jnp.float32), jnp.uint32)
+  bits = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & 1)) & jnp.uint32(0xFFFF0000)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 # ---- sinusoidal ------------------------------------------------------------------------

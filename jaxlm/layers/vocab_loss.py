@@ -34,14 +34,16 @@ MAX_CHUNKS = 8
 class Projection:
   """The inputs of a vocabulary projection: logits = h @ W (+ bias), W laid out [V, D]
   (an embedding table, tied heads) when `vocab_major`, else [D, V] (a Dense kernel). The
-  matmul takes `dtype` operands and accumulates in float32. `softcap`: the logits are
-  cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping), in the loss too."""
+  matmul takes `dtype` operands and accumulates in float32. `scale`: the logits are
+  multiplied by it (Cohere's logit_scale), then with `softcap` become cap * tanh(logits /
+  cap) (Gemma 2's final_logit_softcapping); both apply in the loss too."""
   h: Any  # [B, T, D]
   w: Any
   bias: Any = None  # [V] or None
   vocab_major: bool = flax.struct.field(pytree_node=False, default=True)
   dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)
   softcap: float | None = flax.struct.field(pytree_node=False, default=None)
+  scale: float | None = flax.struct.field(pytree_node=False, default=None)
 
   @classmethod
   def of_dense(cls, dense, h) -> "Projection":
@@ -55,7 +57,7 @@ class Projection:
     """The full float32 logits [B, T, V]."""
     out = matmul(self.h, self.w, self.dtype, transpose_w=self.vocab_major)
     out = out if self.bias is None else out + self.bias.astype(jnp.float32)
-    return apply_softcap(out, self.softcap)
+    return apply_softcap(out if self.scale is None else out * self.scale, self.softcap)
 
 
 def cross_entropy_sums(proj: Projection, targets_BT, weights_BT):
@@ -67,7 +69,7 @@ def cross_entropy_sums(proj: Projection, targets_BT, weights_BT):
   has_bias = proj.bias is not None
   bias = proj.bias if has_bias else jnp.zeros((0,), jnp.float32)
   static = (proj.vocab_major, jnp.dtype(proj.dtype), chunk, has_bias,
-            proj.softcap)
+            proj.softcap, proj.scale)
   return _fused(static, proj.h, proj.w, bias, targets_BT, weights_BT.astype(jnp.float32))
 
 
@@ -78,12 +80,14 @@ def _chunks(static, T):
 
 def _chunk_stats(static, h_BCD, w, bias_V, targets_BC, weights_BC, grads: bool):
   """Loss and hit sums of one chunk and, if `grads`, d(loss sum)/d(logits) [B*C, V]."""
-  vocab_major, dtype, cap = static[0], static[1], static[4]
+  vocab_major, dtype, cap, scale = static[0], static[1], static[4], static[5]
   B, C, D = h_BCD.shape
   h_ND = h_BCD.reshape(B * C, D).astype(dtype)
   logits_NV = _product(h_ND, w, transpose_w=vocab_major)  # h @ W_DV
   if bias_V is not None:
     logits_NV = logits_NV + bias_V
+  if scale is not None:
+    logits_NV = logits_NV * scale
   if cap is not None:
     tanh_NV = jnp.tanh(logits_NV / cap)
     logits_NV = cap * tanh_NV
@@ -101,11 +105,13 @@ def _chunk_stats(static, h_BCD, w, bias_V, targets_BC, weights_BC, grads: bool):
   dlogits_NV = (exp_NV / sum_N[:, None] - onehot_NV) * wt_N[:, None]
   if cap is not None:  # through cap * tanh(l / cap): times 1 - tanh^2
     dlogits_NV = dlogits_NV * (1.0 - jnp.square(tanh_NV))
+  if scale is not None:  # through logits * scale
+    dlogits_NV = dlogits_NV * scale
   return sums, dlogits_NV, h_ND
 
 
 def _forward(static, h_BTD, w, bias, targets_BT, weights_BT, grads: bool):
-  vocab_major, dtype, _, has_bias, _ = static
+  vocab_major, dtype, _, has_bias = static[:4]
   w = w.astype(dtype)
   bias_V = bias.astype(jnp.float32) if has_bias else None
   B, T, D = h_BTD.shape

@@ -9,7 +9,7 @@ from jaxlm.config import ModelConfig, Runtime
 from jaxlm.errors import DataError
 from jaxlm.layers.linear import materialize
 from jaxlm.layers.moe import MoE, pop_router_stats, router_losses
-from jaxlm.layers.position import RoPE
+from jaxlm.layers.position import ALiBi, RoPE
 from jaxlm.params import path_name
 
 # Logical axes of the residual stream [B, T, D] (sharding rules map them to the mesh).
@@ -31,9 +31,18 @@ def rope_spec(cfg: ModelConfig, layer: int | None = None) -> RoPE | None:
   if (layer is not None and cfg.rope_local_base_freq is not None
       and cfg.layer_types[layer] == "sliding_attention"):
     return RoPE.create(cfg.head_size, theta=cfg.rope_local_base_freq,
-                       partial_rotary_factor=cfg.partial_rotary_factor)
+                       partial_rotary_factor=cfg.partial_rotary_factor,
+                       interleaved=cfg.rope_interleaved)
   return RoPE.create(cfg.head_size, theta=cfg.rope_theta,
-                     partial_rotary_factor=cfg.partial_rotary_factor, scaling=cfg.rope_scaling)
+                     partial_rotary_factor=cfg.partial_rotary_factor, scaling=cfg.rope_scaling,
+                     interleaved=cfg.rope_interleaved)
+
+
+def alibi_spec(cfg: ModelConfig) -> ALiBi | None:
+  """The ALiBi bias a config asks for (model.alibi_style), or None without ALiBi."""
+  if cfg.position_embedding_type != "alibi":
+    return None
+  return ALiBi(cfg.num_attention_heads, cfg.alibi_style, cfg.head_size)
 
 
 # model.remat: what a block keeps for the backward pass ("none": everything).

@@ -4,6 +4,7 @@
   pre-LN (GPT, Llama, T5):     x = x + attn(norm1 x);  [x = x + cross(norm x, enc)];
                                x = x + ff(norm2 x)
   parallel (GPT-NeoX):         x = x + attn(norm1 x) + ff(norm2 x)
+  parallel, one norm (Falcon, Cohere: parallel_shared_norm):  h = norm1 x;  x = x + attn h + ff h
   sandwich (Gemma 2):          x = x + norm1'(attn(norm1 x));  x = x + norm2'(ff(norm2 x))
 
 `attention(cfg, rt)`, `norm(cfg)` and `feed_forward(cfg, rt)` turn a ModelConfig (what
@@ -24,7 +25,7 @@ from jaxlm.layers.dropout import dropout
 from jaxlm.layers.mlp import MLP
 from jaxlm.layers.moe import MoE
 from jaxlm.layers.norm import LayerNorm, RMSNorm
-from jaxlm.models.base import dtypes, rope_spec
+from jaxlm.models.base import alibi_spec, dtypes, rope_spec
 
 
 def norm(cfg: ModelConfig) -> nnx.Module:
@@ -66,7 +67,7 @@ def attention(cfg: ModelConfig, rt: Runtime, *, cross: bool = False, layer: int 
                    use_bias=cfg.attention_bias, out_bias=cfg.attention_out_bias,
                    dropout_rate=cfg.attention_probs_dropout_prob,
                    init_std=cfg.initializer_range, impl=rt.attention_impl,
-                   alibi=cfg.position_embedding_type == "alibi" and not cross,
+                   alibi=None if cross else alibi_spec(cfg),
                    rope=None if cross else rope_spec(cfg, layer), dense_bias=relative,
                    scale=scale, softcap=cfg.attn_logit_softcapping, q_norm=q_norm,
                    k_norm=k_norm, cross=cross, rngs=rngs,
@@ -104,7 +105,8 @@ class TransformerBlock(nnx.Module):
     self.attn_out_norm = norm(cfg) if cfg.sandwich_norm else None
     self.cross_norm = norm(cfg) if cross else None
     self.cross_attn = attention(cfg, rt, cross=True, rngs=rngs) if cross else None
-    self.mlp_norm = norm(cfg)
+    # parallel_shared_norm: the attention's input norm feeds the MLP too
+    self.mlp_norm = None if cfg.parallel_shared_norm else norm(cfg)
     self.mlp = feed_forward(cfg, rt, rngs=rngs)
     self.mlp_out_norm = norm(cfg) if cfg.sandwich_norm else None
     self.layout = "parallel" if cfg.parallel_residual else cfg.norm_position
@@ -151,7 +153,9 @@ class TransformerBlock(nnx.Module):
       x_BTD = self.attn_norm(x_BTD + attn(x_BTD))
       return cache, self.mlp_norm(x_BTD + mlp(x_BTD))
     if self.layout == "parallel":
-      return cache, x_BTD + attn(self.attn_norm(x_BTD)) + mlp(self.mlp_norm(x_BTD))
+      h_BTD = self.attn_norm(x_BTD)
+      mlp_in_BTD = h_BTD if self.mlp_norm is None else self.mlp_norm(x_BTD)
+      return cache, x_BTD + attn(h_BTD) + mlp(mlp_in_BTD)
     x_BTD = x_BTD + attn(self.attn_norm(x_BTD))
     if self.cross_attn is not None:
       c, h_BTD = self.cross_attn(self.cross_norm(x_BTD), kv_BSD=enc_BSD, mask=enc_mask,

@@ -1,5 +1,5 @@
 """Decoder-only causal language models (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX, Mixtral,
-Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3).
+Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Falcon, Cohere).
 
 One generic composition of the shared block (models/block.py), steered only by
 ModelConfig fields:
@@ -27,9 +27,8 @@ from jaxlm.layers.attention import MaskSpec
 from jaxlm.layers.dropout import dropout
 from jaxlm.layers.embed import Embed
 from jaxlm.layers.linear import Dense
-from jaxlm.layers.position import alibi_bias
 from jaxlm.layers.vocab_loss import Projection
-from jaxlm.models.base import (RESIDUAL_AXES, PreTrainedModel, dtypes, rope_spec,
+from jaxlm.models.base import (RESIDUAL_AXES, PreTrainedModel, alibi_spec, dtypes, rope_spec,
                                router_outputs, run_block)
 from jaxlm.models.block import TransformerBlock, norm
 from jaxlm.models.heads import last_token_positions, pool_at
@@ -70,6 +69,7 @@ class Decoder(nnx.Module):
                             for i in range(cfg.num_hidden_layers)])
     self.norm = norm(cfg) if cfg.norm_position == "pre" else None
     self.ropes = tuple(rope_spec(cfg, i) for i in range(cfg.num_hidden_layers))  # per layer
+    self.alibi = alibi_spec(cfg)
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None,
                  window_slack: int = 0) -> list[dict]:
@@ -106,8 +106,7 @@ class Decoder(nnx.Module):
     # Position tables are computed once per forward and spec, shared by the layers using it.
     ropes = {spec: spec(position_ids) for spec in set(self.ropes) if spec is not None}
     # With a cache, attention computes ALiBi from the cached keys' positions.
-    bias = (alibi_bias(position_ids, cfg.num_attention_heads)
-            if cfg.position_embedding_type == "alibi" and cache is None else None)
+    bias = self.alibi(position_ids) if self.alibi is not None and cache is None else None
     new_cache = []
     for i, layer in enumerate(self.layers):
       kw = {} if cache is None else {"cache": cache[i], "positions": position_ids}
@@ -161,6 +160,8 @@ class DecoderForCausalLM(PreTrainedModel):
                               position_ids=position_ids, cache=cache, rngs=rngs)
     proj = (self.model.embed.projection(h_BTD) if self.lm_head is None
             else Projection.of_dense(self.lm_head, h_BTD))
+    if self.config.logit_scale is not None:  # Cohere: logits times logit_scale
+      proj = proj.replace(scale=self.config.logit_scale)
     if self.config.final_logit_softcapping is not None:
       proj = proj.replace(softcap=self.config.final_logit_softcapping)
     if attention_mask is None and segment_ids is not None:
@@ -209,7 +210,8 @@ ARCHITECTURES = {
     for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
                  "BloomForCausalLM", "MptForCausalLM", "GPTNeoXForCausalLM",
                  "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                 "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+                 "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                 "FalconForCausalLM", "CohereForCausalLM")
 }
 ARCHITECTURES.update({
     name: DecoderForSequenceClassification

@@ -69,7 +69,8 @@ class Embeddings(nnx.Module):
 _ENCODER_FIXED = dict(causal=False, norm_type="layernorm", norm_position="post", norm_bias=True,
                       embedding_norm=False, mlp_type="plain", mlp_bias=True,
                       attention_bias=True, parallel_residual=False, sliding_window=None,
-                      layer_types=None, scale_embeddings=False, final_logit_softcapping=None)
+                      layer_types=None, scale_embeddings=False, final_logit_softcapping=None,
+                      logit_scale=None)
 
 
 def _check_encoder_config(cfg: ModelConfig) -> None:

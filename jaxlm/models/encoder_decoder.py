@@ -38,7 +38,8 @@ _T5_FIXED = dict(causal=False, norm_type="rmsnorm", norm_position="pre", embeddi
                  parallel_residual=False, sliding_window=None, attention_bias=False,
                  position_embedding_type="relative", position_ids_from_mask=False,
                  layer_types=None, sandwich_norm=False, scale_embeddings=False,
-                 query_pre_attn_scalar=None, final_logit_softcapping=None)
+                 query_pre_attn_scalar=None, final_logit_softcapping=None, logit_scale=None,
+                 rope_interleaved=False)
 
 
 def _check_t5_config(cfg: ModelConfig) -> None:

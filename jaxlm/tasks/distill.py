@@ -83,6 +83,9 @@ def kl_sum(student: Projection, teacher: Projection, weights_BT, temperature: fl
   if student.softcap is not None or teacher.softcap is not None:
     raise ConfigError("distill: final_logit_softcapping (Gemma 2) is not supported by the "
                       "fused KL; distill from and into models without it")
+  if student.scale is not None or teacher.scale is not None:
+    raise ConfigError("distill: logit_scale (Cohere) is not supported by the fused KL; "
+                      "distill from and into models without it")
   V = _vocab(student)
   if _vocab(teacher) != V:
     raise ConfigError(f"distill: the student's vocabulary has {V} entries, the teacher's "
