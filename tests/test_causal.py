@@ -22,12 +22,12 @@ from jaxlm.train import loop
 from jaxlm.train.evaluator import Evaluator
 
 from configs import (bert_tiny, bloom_tiny, gemma2_2b, gemma_2b, gpt2_small, llama_1b, mistral_7b,
-                     mixtral_8x7b)
+                     mixtral_8x7b, phi3_mini)
 from conftest import quiet
 
 TINY_DECODERS = {"gpt2_small": gpt2_small, "llama_1b": llama_1b, "mistral_7b": mistral_7b,
                  "bloom_tiny": bloom_tiny, "mixtral_8x7b": mixtral_8x7b, "gemma_2b": gemma_2b,
-                 "gemma2_2b": gemma2_2b}
+                 "gemma2_2b": gemma2_2b, "phi3_mini": phi3_mini}
 WORDS = "the king queen sword crown night storm ghost blood honour love death".split()
 
 
@@ -197,7 +197,8 @@ def test_full_size_configs_validate_and_build_abstractly(name):
               "bloom_tiny": 5.3e6,  # with an 8192-token vocabulary
               "mixtral_8x7b": 46.5078e9,  # 46,702,792,704 with its 32000 tokens
               # 2,506,172,416 and 2,614,341,888 with Gemma's 256000 tokens
-              "gemma_2b": 1.9987e9, "gemma2_2b": 2.0434e9}[name]
+              "gemma_2b": 1.9987e9, "gemma2_2b": 2.0434e9,
+              "phi3_mini": 3.6744e9}[name]  # 3,821,079,552 with Phi-3's 32064 tokens
   assert abs(n / expected - 1) < 0.01, n
 
 

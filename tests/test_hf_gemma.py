@@ -16,9 +16,10 @@ from flax import nnx
 
 import jaxlm
 from conftest import fixture
-from jaxlm import ConfigError, Runtime
+from jaxlm import ConfigError
 from jaxlm.hf import family_of, read_hf_config
 from jaxlm.models import auto
+from test_hf_decoders import pallas_and_xla, rel_err
 
 
 @nnx.jit
@@ -120,29 +121,11 @@ def test_pallas_matches_xla_with_soft_caps_and_alternating_windows(gemma2):
   inputs = dict(np.load(os.path.join(fixture("gemma2"), "inputs.npz")))
   ids = jnp.asarray(inputs["input_ids"], jnp.int32)
   mask = jnp.asarray(inputs["attention_mask"], jnp.int32)
-  real = mask.astype(jnp.float32)
-  w = jax.random.normal(jax.random.key(0), (gemma2.config.vocab_size,))
-
-  def run(impl):
-    model = auto.build_abstract_model(gemma2.config, runtime=Runtime(attention_impl=impl))
-    nnx.update(model, nnx.state(gemma2, nnx.Param))
-    graphdef, params = nnx.split(model, nnx.Param)
-
-    def f(p):
-      logits = nnx.merge(graphdef, p)(ids, mask).logits
-      return (logits * real[..., None] * w).sum() / real.sum(), logits
-    (_, logits), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
-    return np.asarray(logits), jax.tree.leaves(grads)
-
-  want, want_g = run("xla")
-  got, got_g = run("pallas")
+  runs = pallas_and_xla(gemma2, ids, mask)
+  (want, want_g), (got, got_g) = runs["xla"], runs["pallas"]
   on = np.asarray(mask, bool)
-
-  def err(a, b):
-    return float(np.max(np.abs(a - b) / np.maximum(1.0, np.abs(b))))
-
-  assert err(got[on], want[on]) <= 2e-5
-  assert max(err(np.asarray(a), np.asarray(b)) for a, b in zip(got_g, want_g)) <= 2e-5
+  assert rel_err(got[on], want[on]) <= 2e-5
+  assert max(rel_err(a, b) for a, b in zip(got_g, want_g)) <= 2e-5
   assert sum(float(np.abs(g).sum()) > 0 for g in want_g) == len(want_g)  # every grad is live
 
 

@@ -194,8 +194,8 @@ class Attention(nnx.Module):
                dropout_rate: float = 0.0, init_std: float = 0.02, impl: str = "xla",
                rope: RoPE | None = None, alibi: bool = False, dense_bias: bool = False,
                scale: float | None = None, softcap: float | None = None,
-               cross: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               clip: float | None = None, cross: bool = False, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads or num_heads
     self.head_dim = head_dim or hidden_size // num_heads
@@ -214,6 +214,7 @@ class Attention(nnx.Module):
     self.rope = rope  # static spec: lets callers pass position_ids instead of cos/sin
     self.scale = scale
     self.softcap = softcap  # cap * tanh(logits / cap) on the scaled logits (Gemma 2)
+    self.clip = clip  # q, k, v clamped to [-clip, clip] after projection (DBRX clip_qkv)
     self.cross = cross
     self.dtype = dtype
 
@@ -241,7 +242,8 @@ class Attention(nnx.Module):
     """
     B, T, _ = x_BTD.shape
     heads = ("batch", "length", "heads", "head_dim")
-    q_BTNH = constrain(self.q(x_BTD).reshape(B, T, self.num_heads, self.head_dim), heads)
+    q_BTNH = constrain(self._clip(self.q(x_BTD)).reshape(B, T, self.num_heads, self.head_dim),
+                       heads)
     if cache is not None and self.cross and kv_BSD is None:  # encoder K/V already cached
       k_BSKH = v_BSKH = None  # _attend_cached reads them from the cache
     else:
@@ -258,11 +260,15 @@ class Attention(nnx.Module):
                                             position_ids, fresh=kv_BSD is not None)
     return cache, self.o(out_BTNH.reshape(B, T, self.num_heads * self.head_dim))
 
+  def _clip(self, x):
+    return x if self.clip is None else jnp.clip(x, -self.clip, self.clip)
+
   def _kv(self, kv_BSD):
     B, S, _ = kv_BSD.shape
     kv_heads = ("batch", "length", "kv_heads", "head_dim")
-    k_BSKH = constrain(self.k(kv_BSD).reshape(B, S, self.num_kv_heads, self.head_dim), kv_heads)
-    v_BSKH = constrain(self.v(kv_BSD).reshape(B, S, self.num_kv_heads, self.head_dim), kv_heads)
+    shape = (B, S, self.num_kv_heads, self.head_dim)
+    k_BSKH = constrain(self._clip(self.k(kv_BSD)).reshape(shape), kv_heads)
+    v_BSKH = constrain(self._clip(self.v(kv_BSD)).reshape(shape), kv_heads)
     return k_BSKH, v_BSKH
 
   def _attend_cached(self, q_BTNH, k_BTKH, v_BTKH, mask, bias, cache, q_pos_BT, fresh):

@@ -27,7 +27,8 @@ def rope_spec(cfg: ModelConfig) -> RoPE | None:
   if cfg.position_embedding_type != "rope":
     return None
   return RoPE.create(cfg.head_size, theta=cfg.rope_theta,
-                     partial_rotary_factor=cfg.partial_rotary_factor, scaling=cfg.rope_scaling)
+                     partial_rotary_factor=cfg.partial_rotary_factor, scaling=cfg.rope_scaling,
+                     max_position_embeddings=cfg.max_position_embeddings)
 
 
 # model.remat: what a block keeps for the backward pass ("none": everything).

@@ -1,5 +1,5 @@
 """Decoder-only causal language models (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX, Mixtral,
-Qwen2, Gemma, Gemma 2).
+Qwen2, Gemma, Gemma 2, Phi-3, DBRX).
 
 One generic composition of the shared block (models/block.py), steered only by
 ModelConfig fields:
@@ -208,7 +208,7 @@ ARCHITECTURES = {
     for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
                  "BloomForCausalLM", "MptForCausalLM", "GPTNeoXForCausalLM",
                  "MixtralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM",
-                 "Gemma2ForCausalLM")
+                 "Gemma2ForCausalLM", "Phi3ForCausalLM", "DbrxForCausalLM")
 }
 ARCHITECTURES.update({
     name: DecoderForSequenceClassification
