@@ -145,6 +145,8 @@ class ModelConfig:
   # shared by the heads, with norm_scale_offset; Qwen3, Gemma 3) or "layernorm" (bias-free,
   # a scale per head [heads, head_dim]; Cohere). None: no q/k norm.
   qk_norm: str | None = None
+  # q, k and v clamped to [-clip_qkv, clip_qkv] right after their projections (DBRX)
+  clip_qkv: float | None = None
 
   # ---- positions ------------------------------------------------------------------
   # "relative": T5's bucketed relative-position logits bias (encoder-decoder models)
@@ -153,7 +155,9 @@ class ModelConfig:
   rope_theta: float = 10000.0
   partial_rotary_factor: float = 1.0  # fraction of each head's dims that rotate (NeoX)
   # {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor",
-  #  "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+  #  "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} or
+  # {"rope_type": "longrope", "short_factor": [..], "long_factor": [..],
+  #  "original_max_position_embeddings", optional "factor" / "attention_factor"} (Phi-3)
   rope_scaling: dict | None = None
   # RoPE base of the "sliding_attention" layers of layer_types, which then rotate without
   # rope_scaling (Gemma 3's local layers); None: every layer uses rope_theta / rope_scaling.
@@ -176,6 +180,9 @@ class ModelConfig:
   router_aux_loss_coef: float = 0.001  # load-balancing loss weight (HF Mixtral default)
   router_z_loss_coef: float = 0.0  # router z-loss weight (ST-MoE); 0 = off
   moe_capacity_factor: float | None = None  # None: dropless; else capacity per expert
+  # The top-k routing weights are divided by their p-norm: 1.0 = their sum (Mixtral), 2.0
+  # the Euclidean norm (a DBRX option); None keeps the softmax probabilities as they are.
+  router_norm_p: float | None = 1.0
   # Storage dtype of the parameters (what a checkpoint holds). The compute dtype is a
   # Runtime choice.
   param_dtype: str = "float32"
@@ -253,9 +260,11 @@ class ModelConfig:
           f"model.partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
     if self.rope_scaling is not None:
       kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-      if kind not in ("linear", "llama3", "default"):
+      if kind not in ("linear", "llama3", "longrope", "default"):
         raise ConfigError(f"model.rope_scaling: unknown rope_type {kind!r} "
-                          "(supported: linear, llama3)")
+                          "(supported: linear, llama3, longrope)")
+      if kind == "longrope":
+        self._validate_longrope()
 
     if self.num_decoder_layers is not None and self.num_decoder_layers <= 0:
       raise ConfigError(f"model.num_decoder_layers must be positive, got {self.num_decoder_layers}")
@@ -272,6 +281,9 @@ class ModelConfig:
       if getattr(self, name) < 0:
         raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
     self._validate_labels()
+    if self.router_norm_p is not None and not self.router_norm_p > 0:
+      raise ConfigError(f"model.router_norm_p must be positive or None, got "
+                        f"{self.router_norm_p!r}")
     if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
       raise ConfigError(
           f"model.moe_capacity_factor must be positive (or None: dropless), "
@@ -290,7 +302,7 @@ class ModelConfig:
                           "model.sliding_window is None")
       self.layer_types = list(types)  # a tuple from a ConfigDict: one spelling, one hash
     for name in ("query_pre_attn_scalar", "attn_logit_softcapping",
-                 "final_logit_softcapping"):
+                 "final_logit_softcapping", "clip_qkv"):
       value = getattr(self, name)
       if value is not None and not value > 0:
         raise ConfigError(f"model.{name} must be positive or None, got {value!r}")
@@ -315,6 +327,25 @@ class ModelConfig:
     if self.sandwich_norm and (self.norm_position != "pre" or self.parallel_residual):
       raise ConfigError("model.sandwich_norm needs model.norm_position='pre' and no "
                         "model.parallel_residual")
+
+  def _validate_longrope(self) -> None:
+    """Phi-3's long-context RoPE: one factor per rotary frequency, for short and long
+    sequences, switching past original_max_position_embeddings."""
+    sc = self.rope_scaling
+    half = int(self.head_size * self.partial_rotary_factor) // 2
+    for key in ("short_factor", "long_factor"):
+      f = sc.get(key)
+      if (not isinstance(f, (list, tuple)) or len(f) != half
+          or not all(isinstance(x, (int, float)) and x > 0 for x in f)):
+        raise ConfigError(f"model.rope_scaling.{key} must list {half} positive numbers (one "
+                          f"per rotary frequency), got {f!r}")
+    orig = sc.get("original_max_position_embeddings")
+    if not isinstance(orig, int) or isinstance(orig, bool) or orig <= 0:
+      raise ConfigError("model.rope_scaling.original_max_position_embeddings must be a "
+                        f"positive integer for longrope, got {orig!r}")
+    for key in ("factor", "attention_factor"):
+      if sc.get(key) is not None and not sc[key] > 0:
+        raise ConfigError(f"model.rope_scaling.{key} must be positive, got {sc[key]!r}")
 
   def layer_windows(self) -> list[int | None]:
     """Each layer's attention window (None: full attention)."""

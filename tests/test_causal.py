@@ -22,13 +22,13 @@ from jaxlm.train import loop
 from jaxlm.train.evaluator import Evaluator
 
 from configs import (bert_tiny, bloom_tiny, command_r, falcon_7b, gemma2_2b, gemma_2b, gpt2_small,
-                     llama_1b, mistral_7b, mixtral_8x7b, qwen2_0_5b)
+                     llama_1b, mistral_7b, mixtral_8x7b, phi3_mini, qwen2_0_5b)
 from conftest import quiet
 
 TINY_DECODERS = {"gpt2_small": gpt2_small, "llama_1b": llama_1b, "mistral_7b": mistral_7b,
                  "bloom_tiny": bloom_tiny, "mixtral_8x7b": mixtral_8x7b, "gemma_2b": gemma_2b,
                  "gemma2_2b": gemma2_2b, "qwen2_0_5b": qwen2_0_5b, "falcon_7b": falcon_7b,
-                 "command_r": command_r}
+                 "command_r": command_r, "phi3_mini": phi3_mini}
 WORDS = "the king queen sword crown night storm ghost blood honour love death".split()
 
 
@@ -200,8 +200,10 @@ def test_full_size_configs_validate_and_build_abstractly(name):
               # 2,506,172,416 and 2,614,341,888 with Gemma's 256000 tokens
               "gemma_2b": 1.9987e9, "gemma2_2b": 2.0434e9,
               # 494,032,768 with Qwen2's 151936 tokens, transformers' num_parameters();
-              # 6,921,720,704 with Falcon's 65024 tokens; 34,980,831,232 with Command-R's 256000
-              "qwen2_0_5b": 365.238e6, "falcon_7b": 6.6635e9, "command_r": 32.9508e9}[name]
+              # 6,921,720,704 with Falcon's 65024 tokens; 34,980,831,232 with Command-R's
+              # 256000; 3,821,079,552 with Phi-3's 32064
+              "qwen2_0_5b": 365.238e6, "falcon_7b": 6.6635e9, "command_r": 32.9508e9,
+              "phi3_mini": 3.6744e9}[name]
   assert abs(n / expected - 1) < 0.01, n
 
 

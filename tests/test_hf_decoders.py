@@ -104,6 +104,27 @@ def is_subset(written, reference):
   return True
 
 
+def check_round_trip(model, out, name, forward):
+  """save_pretrained -> from_pretrained gives the same logits (`forward(model)`), the tensor
+  names and shapes transformers wrote (fused tensors fused again, tied heads absent) and a
+  config.json that reads as the same model."""
+  model.save_pretrained(out)
+  again = jaxlm.from_pretrained(out)
+  np.testing.assert_array_equal(forward(again), forward(model))
+  assert tensor_shapes(out) == tensor_shapes(fixture(name))
+  saved, ref = read_hf_config(out), read_hf_config(fixture(name))
+  assert saved["architectures"] == ref["architectures"]
+  assert saved["model_type"] == ref["model_type"]
+  assert is_subset(saved, ref), {k: (v, ref.get(k)) for k, v in saved.items() if v != ref.get(k)}
+  fam = family_of(ref["architectures"][0], out)
+  assert fam.config_from_hf(saved) == fam.config_from_hf(ref)
+
+
+def rel_err(a, b):
+  """max |a - b| / max(1, |b|)."""
+  return float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / np.maximum(1.0, np.abs(b))))
+
+
 @pytest.fixture(scope="module")
 def loaded():
   return {name: jaxlm.from_pretrained(fixture(name)) for name in FAMILIES}
@@ -129,19 +150,7 @@ def test_legacy_and_v5_rope_spellings_give_one_config(name):
 # ---- round trip ----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", FAMILIES)
 def test_save_pretrained_round_trip(loaded, tmp_path, name):
-  model = loaded[name]
-  out = str(tmp_path / name)
-  model.save_pretrained(out)
-  again = jaxlm.from_pretrained(out)
-  np.testing.assert_array_equal(logits(again, name), logits(model, name))
-  # Same tensor names and shapes as transformers wrote (tied heads stay absent).
-  assert tensor_shapes(out) == tensor_shapes(fixture(name))
-  saved, ref = read_hf_config(out), read_hf_config(fixture(name))
-  assert saved["architectures"] == ref["architectures"]
-  assert saved["model_type"] == ref["model_type"]
-  assert is_subset(saved, ref), {k: (v, ref.get(k)) for k, v in saved.items() if v != ref.get(k)}
-  fam = family_of(ref["architectures"][0], out)
-  assert fam.config_from_hf(saved) == fam.config_from_hf(ref)
+  check_round_trip(loaded[name], str(tmp_path / name), name, lambda m: logits(m, name))
 
 
 def test_tied_head_copy_in_checkpoint_is_accepted(tmp_path):

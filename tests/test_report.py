@@ -92,6 +92,16 @@ def test_mixtral_8x7b_params_and_active():
     assert got["embedding"] == V * D and got["lm_head"] == D * V
 
 
+def test_phi3_mini_params():
+  # Phi-3-mini-4k with its 32064-token vocabulary: the published 3.8B (MHA, untied head).
+  D, L, F, V = 3072, 32, 8192, 32064
+  total = 2 * V * D + L * (4 * D * D + 3 * D * F + 2 * D) + D
+  assert total == 3_821_079_552
+  mc = model_config("configs/phi3_mini.py", vocab_size=V)
+  for got in (counted(mc), analysis.closed_form_params(mc)):
+    assert got["total"] == total and got["embedding"] == V * D and got["lm_head"] == D * V
+
+
 def _fixtures():
   with open(os.path.join(FIXTURES, "versions.json")) as f:
     families = json.load(f)["families"]

@@ -12,7 +12,10 @@ host round trip inside the loop. `stream` runs the same prefill and step from Py
 yielding tokens as they come (for a terminal).
 
 Decoder-only models and encoder-decoders (T5: the encoder runs once; every decoder
-layer caches its cross-attention keys and values at the first step) share the loop.
+layer caches its cross-attention keys and values at the first step) share the loop. A
+longrope model (Phi-3) whose generation crosses original_max_position_embeddings
+recomputes its cache there, as transformers does (`recompute_step`); `stream` and
+speculative decoding refuse such a request.
 """
 
 from __future__ import annotations
@@ -98,19 +101,48 @@ def decode_step(model, state: State, key, eos_E, pad, *, s: Sampling, mask_BS=No
   return _take(state, token_B, logp_B, eos_E, pad)
 
 
+def recompute_step(model, state: State, ids_BP, mask_BP, key, eos_E, pad, *, s: Sampling,
+                   max_new_tokens: int, step: int) -> State:
+  """`decode_step` as transformers' Phi-3 takes it where a longrope model crosses its
+  switch (request.switch_step): the cache is dropped and the whole sequence so far, the
+  prompt and the `step` tokens generated, runs again, its last position now past the
+  switch, so every key is rotated with the long factors from here on."""
+  B, P = ids_BP.shape
+  ids_BT = jnp.concatenate([ids_BP, state.out_BN[:, :step]], axis=1)
+  mask_BT = jnp.concatenate([mask_BP, jnp.ones((B, step), mask_BP.dtype)], axis=1)
+  pos_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
+  out = model(ids_BT, mask_BT, position_ids=pos_BT,
+              cache=model.init_cache(B, P + max_new_tokens))
+  state = state._replace(cache=out.cache, lengths_B=state.lengths_B + 1)
+  token_B, logp_B = choose(out.logits[:, -1], state.seen_BV,
+                           jax.random.fold_in(key, state.step), s)
+  return _take(state, token_B, logp_B, eos_E, pad)
+
+
 def _run(graphdef, params, ids_BP, mask_BP, key, eos_E, pad, *, max_new_tokens, s,
-         start_id):
+         start_id, switch_step=None):
   model = nnx.merge(graphdef, params)
   state = prefill(model, ids_BP, mask_BP, key, eos_E, pad, max_new_tokens=max_new_tokens,
                   s=s, start_id=start_id)
   mask = mask_BP if _seq2seq(model) else None
-  state = jax.lax.while_loop(
-      lambda st: (st.step < max_new_tokens) & ~jnp.all(st.done_B),
-      lambda st: decode_step(model, st, key, eos_E, pad, s=s, mask_BS=mask), state)
+
+  def step(st):
+    return decode_step(model, st, key, eos_E, pad, s=s, mask_BS=mask)
+
+  def body(st):
+    if switch_step is None:
+      return step(st)
+    return jax.lax.cond(st.step == switch_step, lambda x: recompute_step(
+        model, x, ids_BP, mask_BP, key, eos_E, pad, s=s, max_new_tokens=max_new_tokens,
+        step=switch_step), step, st)
+
+  state = jax.lax.while_loop(lambda st: (st.step < max_new_tokens) & ~jnp.all(st.done_B),
+                             body, state)
   return state.out_BN, state.logp_BN
 
 
-_compiled_run = jax.jit(_run, static_argnames=("graphdef", "max_new_tokens", "s", "start_id"))
+_compiled_run = jax.jit(_run, static_argnames=("graphdef", "max_new_tokens", "s", "start_id",
+                                               "switch_step"))
 
 
 def generate(model, input_ids, *, max_new_tokens: int, attention_mask=None,
@@ -151,11 +183,12 @@ def generate(model, input_ids, *, max_new_tokens: int, attention_mask=None,
                                 attention_mask=attention_mask, s=s, eos_token_id=eos_token_id,
                                 pad_token_id=pad_token_id, seed=seed)
   prep = prepare(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                 eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                 eos_token_id=eos_token_id, pad_token_id=pad_token_id, recompute_switch=True)
   graphdef, params = nnx.split(model)
   new_BN, logp_BN = _compiled_run(graphdef, params, prep.ids_BP, prep.mask_BP,
                                   jax.random.key(seed), prep.eos_E, prep.pad,
-                                  max_new_tokens=max_new_tokens, s=s, start_id=prep.start_id)
+                                  max_new_tokens=max_new_tokens, s=s, start_id=prep.start_id,
+                                  switch_step=prep.switch_step)
   new_BN = np.asarray(new_BN)
   if _seq2seq(model):
     head = np.full((new_BN.shape[0], 1), prep.start_id, np.int32)

@@ -28,12 +28,41 @@ def check_model(model) -> None:
                       "needs a decoder-only (causal LM) or encoder-decoder model")
 
 
+def longrope_switch(cfg) -> int | None:
+  """The length past which a longrope model (Phi-3) rotates with its long factors, or None.
+  Each forward call picks one set, by its largest position (as transformers does), so a
+  KV cache written before the switch holds keys rotated the short way."""
+  scaling = cfg.rope_scaling or {}
+  if cfg.position_embedding_type != "rope" or scaling.get("rope_type") != "longrope":
+    return None
+  return scaling["original_max_position_embeddings"]
+
+
+def switch_step(cfg, prompt_len: int, max_new_tokens: int, *, recompute: bool) -> int | None:
+  """The decode step (tokens generated so far) whose input first sits past a longrope
+  switch, if the generation crosses it: the prefill is at most the switch length and the
+  last step's input (at prompt + new - 2) past it. transformers' Phi-3 drops its cache
+  there and recomputes the whole sequence with the long factors; `recompute` says the
+  caller does the same (jaxlm.generate), else such a request is refused."""
+  switch = longrope_switch(cfg)
+  if switch is None or not prompt_len <= switch < prompt_len + max_new_tokens - 1:
+    return None
+  if not recompute:
+    raise ConfigError(
+        f"a {prompt_len}-token prompt with max_new_tokens={max_new_tokens} crosses "
+        f"rope_scaling.original_max_position_embeddings={switch}, where longrope switches "
+        "to its long factors and the cache must be recomputed (jaxlm.generate does; this "
+        f"path does not): generate at most {switch + 1 - prompt_len} tokens here")
+  return switch - prompt_len + 1
+
+
 class Prepared(NamedTuple):
   ids_BP: np.ndarray  # left-padded (right-padded for an encoder) to a bucket
   mask_BP: np.ndarray
   eos_E: np.ndarray
   pad: int
   start_id: int | None
+  switch_step: int | None = None  # recompute the cache at this decode step (longrope)
 
 
 def _ids_list(x) -> list[int]:
@@ -43,8 +72,9 @@ def _ids_list(x) -> list[int]:
 
 
 def prepare(model, input_ids, attention_mask=None, *, max_new_tokens: int,
-            eos_token_id=None, pad_token_id=None) -> Prepared:
-  """Checks the request against the model and lays the batch out for the compiled loop."""
+            eos_token_id=None, pad_token_id=None, recompute_switch: bool = False) -> Prepared:
+  """Checks the request against the model and lays the batch out for the compiled loop.
+  `recompute_switch`: the caller recomputes the cache at a longrope switch (switch_step)."""
   check_model(model)
   cfg = model.config
   ids = np.asarray(input_ids)
@@ -65,6 +95,8 @@ def prepare(model, input_ids, attention_mask=None, *, max_new_tokens: int,
   if not _seq2seq(model) and lengths.max() + max_new_tokens > limit:
     raise ConfigError(f"max_new_tokens={max_new_tokens} after a {int(lengths.max())}-token "
                       f"prompt runs past max_position_embeddings={limit}")
+  switch = None if _seq2seq(model) else switch_step(cfg, int(lengths.max()), max_new_tokens,
+                                                    recompute=recompute_switch)
   eos = _ids_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
   pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
   pad = int(pad if pad is not None else (eos[0] if eos else 0))
@@ -79,4 +111,4 @@ def prepare(model, input_ids, attention_mask=None, *, max_new_tokens: int,
       out_ids[b, P - len(real):], out_mask[b, P - len(real):] = real, 1
   start = cfg.decoder_start_token_id if _seq2seq(model) else None
   # -1 never matches a token: a fixed-size eos array without any eos id.
-  return Prepared(out_ids, out_mask, np.asarray(eos or [-1], np.int32), pad, start)
+  return Prepared(out_ids, out_mask, np.asarray(eos or [-1], np.int32), pad, start, switch)

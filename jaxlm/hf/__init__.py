@@ -15,16 +15,16 @@ import os
 
 from jaxlm.config import read_json_object
 from jaxlm.errors import DataError
-from jaxlm.hf import (bert, bloom, cohere, falcon, gemma, gpt2, gpt_neox, llama, mixtral, mpt,
-                     qwen2, t5)
+from jaxlm.hf import (bert, bloom, cohere, dbrx, falcon, gemma, gpt2, gpt_neox, llama, mixtral,
+                      mpt, phi3, qwen2, t5)
 from jaxlm.hf.family import Family, Tensors
 
 __all__ = ["FAMILIES", "Family", "Tensors", "family_of", "read_hf_config"]
 
 FAMILIES: dict[str, Family] = {  # HF class name -> Family
     arch: fam
-    for module in (bert, bloom, cohere, falcon, gemma, gpt2, gpt_neox, llama, mixtral, mpt,
-                   qwen2, t5)
+    for module in (bert, bloom, cohere, dbrx, falcon, gemma, gpt2, gpt_neox, llama, mixtral,
+                   mpt, phi3, qwen2, t5)
     for fam in module.FAMILIES
     for arch in fam.architectures
 }

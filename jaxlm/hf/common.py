@@ -140,6 +140,15 @@ class TensorMap:
       self.fused(f"{hf_prefix}.{part}", [f"{j}.{jp}" for j in jax_prefixes], split, fuse)
     return self
 
+  def stacked_linear(self, hf_prefix: str, jax_prefixes: Sequence[str], sizes: Sequence[int]
+                     ) -> TensorMap:
+    """A bias-free torch Linear whose output rows stack several jaxlm Denses ([q | k | v],
+    Phi-3's [gate | up]): weight [sum(sizes), in] <-> kernels [in, size] each."""
+    sizes = tuple(sizes)
+    return self.fused_linear(hf_prefix, jax_prefixes,
+                             lambda w: qkv_split_blocks(w, sizes, transpose=True),
+                             lambda parts: qkv_fuse_blocks(parts, transpose=True), bias=False)
+
   def stacked(self, hf: Sequence[str], jax: str, stack, unstack) -> TensorMap:
     self.rules.append(Stacked(tuple(hf), jax, stack, unstack))
     return self
@@ -336,10 +345,13 @@ def require(hf: dict, key: str, ok: Callable[[object], bool], default, why: str)
     raise ConfigError(f"config.json: {key}={value!r} is not supported ({why})")
 
 
-def rope_from_hf(hf: dict, *, default_theta: float = 10000.0,
-                 default_partial: float = 1.0) -> dict:
+def rope_from_hf(hf: dict, *, default_theta: float = 10000.0, default_partial: float = 1.0,
+                 longrope: bool = False) -> dict:
   """ModelConfig RoPE fields from either spelling: transformers 5 `rope_parameters`, or
-  the legacy `rope_theta` + `rope_scaling` (`rotary_emb_base` + `rotary_pct` for NeoX)."""
+  the legacy `rope_theta` + `rope_scaling` (`rotary_emb_base` + `rotary_pct` for NeoX).
+  `longrope`: the family takes longrope scaling; only Phi-3 does, since its generate
+  recomputes the cache at the switch as jaxlm.generate does, where transformers' other
+  classes keep keys rotated the short way."""
   params = dict(hf.get("rope_parameters") or {})
   theta = params.get("rope_theta",
                      hf.get("rope_theta", hf.get("rotary_emb_base", default_theta)))
@@ -365,9 +377,11 @@ def rope_from_hf(hf: dict, *, default_theta: float = 10000.0,
                # transformers defaults it to max_position_embeddings
                "original_max_position_embeddings": int(field(
                    "original_max_position_embeddings", hf.get("max_position_embeddings")))}
+  elif kind in ("longrope", "su") and longrope:  # "su": what early Phi-3 configs said
+    scaling = _longrope_from_hf(hf, source, field)
   elif kind != "default":
-    raise ConfigError(f"config.json: rope type {kind!r} is not supported "
-                      "(supported: default, linear, llama3)")
+    raise ConfigError(f"config.json: rope type {kind!r} is not supported (supported: "
+                      f"default, linear, llama3{', longrope' if longrope else ''})")
   return dict(rope_theta=float(theta), partial_rotary_factor=float(partial), rope_scaling=scaling)
 
 
@@ -383,9 +397,28 @@ def layer_types_from_hf(hf: dict, layers: int, default: Sequence[str]) -> list[s
   return types
 
 
-def rope_to_hf(cfg: ModelConfig, *, with_partial: bool) -> dict:
-  """transformers-5 `rope_parameters`."""
+def _longrope_from_hf(hf: dict, source: dict, field) -> dict:
+  """Phi-3's long-context RoPE. original_max_position_embeddings may sit at the top level
+  (Hub configs) or in the scaling dict (transformers 5); `factor` and `attention_factor`
+  are optional (see jaxlm.layers.position.longrope_attention_factor)."""
+  out = {"rope_type": "longrope",
+         "short_factor": [float(x) for x in field("short_factor")],
+         "long_factor": [float(x) for x in field("long_factor")],
+         "original_max_position_embeddings": int(field(
+             "original_max_position_embeddings", hf.get("original_max_position_embeddings")))}
+  for key in ("factor", "attention_factor"):
+    if source.get(key) is not None:
+      out[key] = float(source[key])
+  return out
+
+
+def rope_to_hf(cfg: ModelConfig, *, with_partial: bool, longrope: bool = False) -> dict:
+  """transformers-5 `rope_parameters`; longrope only where the family takes it (see
+  rope_from_hf)."""
   params = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+  if (cfg.rope_scaling or {}).get("rope_type") == "longrope" and not longrope:
+    raise ConfigError(f"model.rope_scaling longrope cannot be saved as {cfg.model_type} "
+                      "(only Phi-3's transformers class recomputes its cache at the switch)")
   if cfg.rope_scaling:
     params.update({k: v for k, v in cfg.rope_scaling.items() if k != "type"})
     params["rope_type"] = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
@@ -440,7 +473,8 @@ OPTIONAL_FIELDS = dict(sandwich_norm=False, norm_scale_offset=0.0, scale_embeddi
                        layer_types=None, query_pre_attn_scalar=None,
                        attn_logit_softcapping=None, final_logit_softcapping=None,
                        qk_norm=None, rope_local_base_freq=None, parallel_shared_norm=False,
-                       logit_scale=None, rope_interleaved=False, alibi_style="bloom")
+                       logit_scale=None, rope_interleaved=False, alibi_style="bloom",
+                       clip_qkv=None)
 
 
 def check_optional_fields(cfg: ModelConfig, arch: str, features=()) -> None:

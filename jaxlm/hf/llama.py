@@ -47,9 +47,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
       **labels_from_hf(hf))
 
 
-def block_to_hf(cfg: ModelConfig, arch: str, model_type: str, features=()) -> dict:
-  """The config.json keys of a Llama-style block (Llama, Mistral, Qwen2, Qwen3, Gemma);
-  `features`: the common.OPTIONAL_FIELDS the family expresses."""
+def block_to_hf(cfg: ModelConfig, arch: str, model_type: str, features=(), *,
+                with_partial: bool = False, longrope: bool = False) -> dict:
+  """The config.json keys of a Llama-style block (Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3);
+  `features`: the common.OPTIONAL_FIELDS the family expresses; `with_partial`,
+  `longrope`: the family writes partial_rotary_factor / takes longrope scaling."""
   return {
       **common_to_hf(cfg, arch, model_type, features=features),
       "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
@@ -58,7 +60,7 @@ def block_to_hf(cfg: ModelConfig, arch: str, model_type: str, features=()) -> di
       "hidden_act": cfg.hidden_act, "max_position_embeddings": cfg.max_position_embeddings,
       "rms_norm_eps": cfg.layer_norm_eps,
       "attention_dropout": cfg.attention_probs_dropout_prob,
-      "rope_parameters": rope_to_hf(cfg, with_partial=False),
+      "rope_parameters": rope_to_hf(cfg, with_partial=with_partial, longrope=longrope),
   }
 
 

@@ -54,7 +54,8 @@ def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
   expect(cfg, "Mixtral", causal=True, norm_type="rmsnorm", norm_position="pre",
          embedding_norm=False, mlp_type="gated", mlp_bias=False, attention_bias=False,
          parallel_residual=False, position_embedding_type="rope",
-         moe_capacity_factor=None)  # transformers' Mixtral never drops a token
+         moe_capacity_factor=None,  # transformers' Mixtral never drops a token
+         router_norm_p=1.0)  # and renormalizes the top-k weights by their sum
   if cfg.attention_out_bias not in (None, False):
     expect(cfg, "Mixtral", attention_out_bias=False)
   if cfg.num_local_experts < 1:

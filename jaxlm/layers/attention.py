@@ -196,11 +196,12 @@ class Attention(nnx.Module):
                dense_bias: bool = False,
                scale: float | None = None, softcap: float | None = None,
                q_norm: nnx.Module | None = None, k_norm: nnx.Module | None = None,
-               cross: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               clip: float | None = None, cross: bool = False, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     """`q_norm`, `k_norm`: norms over each head's [.., head_dim] queries / keys, applied
     before RoPE (Qwen3, Gemma 3, Cohere); block.attention builds them from the config.
-    `alibi`: the ALiBi spec of the `bias` callers pass (None: no ALiBi)."""
+    `alibi`: the ALiBi spec of the `bias` callers pass (None: no ALiBi). `clip`: q, k and
+    v clamped to [-clip, clip] after their projections (DBRX)."""
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads or num_heads
     self.head_dim = head_dim or hidden_size // num_heads
@@ -220,6 +221,7 @@ class Attention(nnx.Module):
     self.rope = rope  # static spec: lets callers pass position_ids instead of cos/sin
     self.scale = scale
     self.softcap = softcap  # cap * tanh(logits / cap) on the scaled logits (Gemma 2)
+    self.clip = clip  # q, k, v clamped to [-clip, clip] after projection (DBRX clip_qkv)
     self.cross = cross
     self.dtype = dtype
 
@@ -247,7 +249,8 @@ class Attention(nnx.Module):
     """
     B, T, _ = x_BTD.shape
     heads = ("batch", "length", "heads", "head_dim")
-    q_BTNH = constrain(self.q(x_BTD).reshape(B, T, self.num_heads, self.head_dim), heads)
+    q_BTNH = constrain(self._clip(self.q(x_BTD)).reshape(B, T, self.num_heads, self.head_dim),
+                       heads)
     if self.q_norm is not None:
       q_BTNH = self.q_norm(q_BTNH).astype(q_BTNH.dtype)
     if cache is not None and self.cross and kv_BSD is None:  # encoder K/V already cached
@@ -268,11 +271,15 @@ class Attention(nnx.Module):
                                             position_ids, fresh=kv_BSD is not None)
     return cache, self.o(out_BTNH.reshape(B, T, self.num_heads * self.head_dim))
 
+  def _clip(self, x):
+    return x if self.clip is None else jnp.clip(x, -self.clip, self.clip)
+
   def _kv(self, kv_BSD):
     B, S, _ = kv_BSD.shape
     kv_heads = ("batch", "length", "kv_heads", "head_dim")
-    k_BSKH = constrain(self.k(kv_BSD).reshape(B, S, self.num_kv_heads, self.head_dim), kv_heads)
-    v_BSKH = constrain(self.v(kv_BSD).reshape(B, S, self.num_kv_heads, self.head_dim), kv_heads)
+    shape = (B, S, self.num_kv_heads, self.head_dim)
+    k_BSKH = constrain(self._clip(self.k(kv_BSD)).reshape(shape), kv_heads)
+    v_BSKH = constrain(self._clip(self.v(kv_BSD)).reshape(shape), kv_heads)
     if self.k_norm is not None:
       k_BSKH = self.k_norm(k_BSKH).astype(k_BSKH.dtype)
     return k_BSKH, v_BSKH

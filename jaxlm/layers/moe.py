@@ -1,6 +1,7 @@
 """Sparse mixture of experts: a router picks top-k of E expert MLPs per token (Mixtral).
 
-  logits = x @ router;  p = softmax(logits) (f32);  (w, e) = top_k(p);  w /= sum(w)
+  logits = x @ router;  p = softmax(logits) (f32);  (w, e) = top_k(p);  w /= |w|_p
+  (p = 1: the sum, as Mixtral; DBRX may use another p, or none)
   y = sum_j w_j * expert_{e_j}(x)         expert(x) = down(act(gate x) * up x)  (or plain)
 
 Experts are stacked parameters ([E, D, F] gate/up, [E, F, D] down), and tokens reach them
@@ -51,11 +52,20 @@ f32 = jnp.float32
 
 
 # ---- routing --------------------------------------------------------------------------
-def route(logits_NE, top_k: int):
-  """Mixtral routing: softmax in f32, top-k, renormalized weights. Returns (w_NK, idx_NK)."""
+def route(logits_NE, top_k: int, norm_p: float | None = 1.0):
+  """Softmax in f32, top-k, and the weights divided by their p-norm (`norm_p`; 1.0 is
+  Mixtral's sum, None leaves them as probabilities). Returns (w_NK, idx_NK)."""
   probs_NE = jax.nn.softmax(logits_NE.astype(f32), axis=-1)
   w_NK, idx_NK = jax.lax.top_k(probs_NE, top_k)
-  return w_NK / w_NK.sum(-1, keepdims=True), idx_NK
+  if norm_p is None:
+    return w_NK, idx_NK
+  if norm_p == 1.0:  # weights are positive: the 1-norm is the sum
+    norm_N1 = w_NK.sum(-1, keepdims=True)
+  elif norm_p == 2.0:
+    norm_N1 = jnp.sqrt(jnp.square(w_NK).sum(-1, keepdims=True))
+  else:
+    norm_N1 = jnp.power(jnp.power(w_NK, norm_p).sum(-1, keepdims=True), 1.0 / norm_p)
+  return w_NK / norm_N1, idx_NK
 
 
 # ---- layouts: where each token slot (n, j) goes in the expert-grouped rows -----------------
@@ -280,11 +290,12 @@ class MoE(nnx.Module):
   def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                top_k: int, *, activation: str = "silu", gated: bool = True,
                use_bias: bool = False, capacity_factor: float | None = None,
-               block_size: int = 128, init_std: float = 0.02, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               norm_p: float | None = 1.0, block_size: int = 128, init_std: float = 0.02,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     E, D, F = num_experts, hidden_size, intermediate_size
     self.num_experts, self.top_k = E, top_k
     self.capacity_factor, self.block_size = capacity_factor, block_size
+    self.norm_p = norm_p  # the top-k weights' renormalization (see route)
     self.dtype = dtype
     self.router = Dense(D, E, use_bias=False, init_std=init_std, dtype=jnp.float32,
                         param_dtype=param_dtype, rngs=rngs)
@@ -322,7 +333,7 @@ class MoE(nnx.Module):
     x_ND = x_BTD.reshape(-1, D)
     N = x_ND.shape[0]
     logits_NE = self.router(x_ND.astype(jnp.float32))
-    w_NK, idx_NK = route(logits_NE, self.top_k)
+    w_NK, idx_NK = route(logits_NE, self.top_k, self.norm_p)
     _ROUTER_STATS[self] = (logits_NE, idx_NK)  # for router_outputs; replaces the last call's
 
     pos_S, R, expert_G, block = self.layout(idx_NK)

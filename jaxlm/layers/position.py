@@ -1,5 +1,5 @@
-"""Position encodings: RoPE (with linear / llama3 scaling), ALiBi, sinusoidal tables and
-T5's bucketed relative-position bias.
+"""Position encodings: RoPE (with linear / llama3 / longrope scaling), ALiBi, sinusoidal
+tables and T5's bucketed relative-position bias.
 
 Learned absolute positions need nothing here: they are an `Embed` indexed by position id.
 Everything static (inverse frequencies, slopes) is computed in NumPy float32 once per
@@ -26,8 +26,10 @@ def rotary_dim(head_dim: int, partial_rotary_factor: float = 1.0) -> int:
 
 
 def _scaling_key(scaling: dict | None) -> tuple:
-  # lru_cache needs hashable arguments; the scaling dict is tiny.
-  return tuple(sorted((scaling or {}).items()))
+  # lru_cache needs hashable arguments; the scaling dict is tiny (longrope's factor lists
+  # become tuples).
+  return tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                      for k, v in (scaling or {}).items()))
 
 
 @functools.lru_cache(maxsize=64)
@@ -42,7 +44,28 @@ def _inv_freq(dim: int, theta: float, scaling_items: tuple) -> np.ndarray:
     return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
   if kind == "llama3":
     return _llama3_inv_freq(inv_freq, scaling)
+  if kind == "longrope":  # the short factors; _longrope has both sets
+    return _longrope_inv_freq(dim, theta, scaling["short_factor"])
   return inv_freq
+
+
+def _longrope_inv_freq(dim: int, theta: float, ext_factors) -> np.ndarray:
+  """HF `_compute_longrope_parameters`: 1 / (ext_i * theta^(2i/dim)), in float32."""
+  exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  ext = np.asarray(ext_factors, np.float32)
+  return (np.float32(1.0) / (ext * np.power(np.float32(theta), exponents))).astype(np.float32)
+
+
+def longrope_attention_factor(scaling: dict, max_position_embeddings: int) -> float:
+  """The factor cos and sin are multiplied by: `attention_factor` if given, else
+  sqrt(1 + ln(factor) / ln(original_max)) with `factor` defaulting to
+  max_position_embeddings / original_max (what Phi-3 configs rely on); 1 when factor <= 1."""
+  if scaling.get("attention_factor") is not None:
+    return float(scaling["attention_factor"])
+  orig = scaling["original_max_position_embeddings"]
+  factor = scaling.get("factor")
+  factor = max_position_embeddings / orig if factor is None else factor
+  return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
 
 
 def _llama3_inv_freq(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
@@ -69,14 +92,35 @@ def rope_cos_sin(position_ids_BT, dim: int, theta: float = 10000.0,
                  scaling: dict | None = None, interleaved: bool = False):
   """cos/sin tables [B, T, dim] for integer positions, in HF's duplicated-halves layout
   (f0 f1 .. f0 f1 ..), or with `interleaved` each frequency twice in a row (f0 f0 f1 f1 ..:
-  Cohere, where dims 2i and 2i+1 rotate together)."""
+  Cohere, where dims 2i and 2i+1 rotate together).
+
+  longrope (which needs `attention_factor` resolved, see RoPE.create) picks one factor
+  set per call, as transformers' `longrope_frequency_update` does: the long factors iff
+  the largest position in the batch is at or past original_max_position_embeddings, so
+  the same token rotates differently in a short and a long call. A KV cache therefore
+  holds keys rotated with the factors of the call that wrote them, as in transformers,
+  whose Phi-3 generate recomputes the cache when it crosses the switch (so does
+  jaxlm.generate; see generate/request.py).
+  """
   inv_freq_F = jnp.asarray(_inv_freq(dim, float(theta), _scaling_key(scaling)))
+  kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+  if kind == "longrope":
+    long_F = jnp.asarray(_longrope_inv_freq(dim, float(theta), scaling["long_factor"]))
+    seq_len = jnp.max(position_ids_BT) + 1
+    inv_freq_F = jnp.where(seq_len > scaling["original_max_position_embeddings"], long_F,
+                           inv_freq_F)
   freqs_BTF = position_ids_BT[..., None].astype(jnp.float32) * inv_freq_F
   if interleaved:
     emb_BTR = jnp.repeat(freqs_BTF, 2, axis=-1)
   else:
     emb_BTR = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
-  return jnp.cos(emb_BTR), jnp.sin(emb_BTR)
+  cos_BTR, sin_BTR = jnp.cos(emb_BTR), jnp.sin(emb_BTR)
+  if kind == "longrope":
+    if scaling.get("attention_factor") is None:
+      raise ValueError("longrope cos/sin need the resolved attention_factor (RoPE.create)")
+    scale = np.float32(scaling["attention_factor"])
+    cos_BTR, sin_BTR = cos_BTR * scale, sin_BTR * scale
+  return cos_BTR, sin_BTR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +134,15 @@ class RoPE:
 
   @classmethod
   def create(cls, head_dim: int, *, theta: float = 10000.0, partial_rotary_factor: float = 1.0,
-             scaling: dict | None = None, interleaved: bool = False) -> RoPE:
+             scaling: dict | None = None, interleaved: bool = False,
+             max_position_embeddings: int | None = None) -> RoPE:
+    """`max_position_embeddings`: longrope's default factor is its ratio to the original
+    length; the resolved attention_factor joins the spec."""
+    scaling = dict(scaling or {})
+    if scaling.get("rope_type", scaling.get("type")) == "longrope":
+      if max_position_embeddings is None and scaling.get("attention_factor") is None:
+        raise ValueError("longrope RoPE needs max_position_embeddings or attention_factor")
+      scaling["attention_factor"] = longrope_attention_factor(scaling, max_position_embeddings)
     return cls(rotary_dim(head_dim, partial_rotary_factor), float(theta), _scaling_key(scaling),
                interleaved)
 

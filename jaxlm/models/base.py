@@ -35,7 +35,8 @@ def rope_spec(cfg: ModelConfig, layer: int | None = None) -> RoPE | None:
                        interleaved=cfg.rope_interleaved)
   return RoPE.create(cfg.head_size, theta=cfg.rope_theta,
                      partial_rotary_factor=cfg.partial_rotary_factor, scaling=cfg.rope_scaling,
-                     interleaved=cfg.rope_interleaved)
+                     interleaved=cfg.rope_interleaved,
+                     max_position_embeddings=cfg.max_position_embeddings)
 
 
 def alibi_spec(cfg: ModelConfig) -> ALiBi | None:

@@ -69,8 +69,8 @@ def attention(cfg: ModelConfig, rt: Runtime, *, cross: bool = False, layer: int 
                    init_std=cfg.initializer_range, impl=rt.attention_impl,
                    alibi=None if cross else alibi_spec(cfg),
                    rope=None if cross else rope_spec(cfg, layer), dense_bias=relative,
-                   scale=scale, softcap=cfg.attn_logit_softcapping, q_norm=q_norm,
-                   k_norm=k_norm, cross=cross, rngs=rngs,
+                   scale=scale, softcap=cfg.attn_logit_softcapping, clip=cfg.clip_qkv,
+                   q_norm=q_norm, k_norm=k_norm, cross=cross, rngs=rngs,
                    **dtypes(cfg, rt))
 
 
@@ -81,8 +81,8 @@ def feed_forward(cfg: ModelConfig, rt: Runtime, *, rngs: nnx.Rngs) -> nnx.Module
     return MoE(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts,
                cfg.num_experts_per_tok, activation=cfg.hidden_act,
                gated=cfg.mlp_type == "gated", use_bias=cfg.mlp_bias,
-               capacity_factor=cfg.moe_capacity_factor, init_std=cfg.initializer_range,
-               rngs=rngs, **dtypes(cfg, rt))
+               capacity_factor=cfg.moe_capacity_factor, norm_p=cfg.router_norm_p,
+               init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg, rt))
   return MLP(cfg.hidden_size, cfg.intermediate_size, activation=cfg.hidden_act,
              gated=cfg.mlp_type == "gated", use_bias=cfg.mlp_bias,
              init_std=cfg.initializer_range, rngs=rngs, **dtypes(cfg, rt))

@@ -1,5 +1,5 @@
 """Decoder-only causal language models (GPT-2, Llama, Mistral, BLOOM, MPT, GPT-NeoX, Mixtral,
-Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Falcon, Cohere).
+Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Falcon, Cohere, Phi-3, DBRX).
 
 One generic composition of the shared block (models/block.py), steered only by
 ModelConfig fields:
@@ -211,7 +211,7 @@ ARCHITECTURES = {
                  "BloomForCausalLM", "MptForCausalLM", "GPTNeoXForCausalLM",
                  "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                  "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-                 "FalconForCausalLM", "CohereForCausalLM")
+                 "FalconForCausalLM", "CohereForCausalLM", "Phi3ForCausalLM", "DbrxForCausalLM")
 }
 ARCHITECTURES.update({
     name: DecoderForSequenceClassification

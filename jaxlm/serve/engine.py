@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.errors import ConfigError
-from jaxlm.generate.request import _seq2seq, bucket, check_model
+from jaxlm.generate.request import _seq2seq, bucket, check_model, longrope_switch
 from jaxlm.generate.sampling import choose_rows
 from jaxlm.layers.kv_cache import KVCache
 
@@ -147,6 +147,11 @@ class Engine:
     if slots < 1 or self.max_len < 2 or max_queue < 1:
       raise ConfigError(f"slots ({slots}) and max_queue ({max_queue}) must be >= 1 and "
                         f"max_len ({self.max_len}) >= 2")
+    switch = longrope_switch(cfg)
+    if switch is not None and self.max_len > switch:  # one factor set per batched step
+      raise ConfigError(f"max_len={self.max_len} is past rope_scaling."
+                        f"original_max_position_embeddings={switch}: longrope switches "
+                        "factors for the whole batch there; serve with max_len <= it")
     self.slots, self.max_queue = slots, max_queue
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
