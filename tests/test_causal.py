@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AbstractMesh
 from safetensors.numpy import load_file
 
 import jaxlm
@@ -18,6 +19,7 @@ from jaxlm.data.corpus import prepare_corpus
 from jaxlm.data.objectives import causal_example, pack_plan
 from jaxlm.errors import ConfigError
 from jaxlm.models import auto
+from jaxlm.parallel import rules
 from jaxlm.train import loop
 from jaxlm.train.evaluator import Evaluator
 
@@ -205,6 +207,14 @@ def test_full_size_configs_validate_and_build_abstractly(name):
               "qwen2_0_5b": 365.238e6, "falcon_7b": 6.6635e9, "command_r": 32.9508e9,
               "phi3_mini": 3.6744e9}[name]
   assert abs(n / expected - 1) < 0.01, n
+  # The mesh rules reach every family's weights: on an FSDP x tensor mesh, each matrix of a
+  # million entries or more is split (the norms and biases stay replicated).
+  mesh = AbstractMesh((4, 2, 2), ("fsdp", "tensor", "expert"))
+  state = nnx.state(model, nnx.Param)
+  shardings = jax.tree.leaves(rules.state_shardings(state, mesh, rules.DEFAULT_RULES))
+  for (path, var), sharding in zip(nnx.to_flat_state(state), shardings, strict=True):
+    if var.get_value().size >= 1 << 20:
+      assert sharding.num_devices == 16 and not sharding.is_fully_replicated, path
 
 
 # ---- training end to end -----------------------------------------------------------------

@@ -126,7 +126,7 @@ class DecoderForCausalLM(PreTrainedModel):
     self.model = Decoder(cfg, runtime, rngs=rngs)
     self.lm_head = None if cfg.tie_word_embeddings else Dense(
         cfg.hidden_size, cfg.vocab_size, use_bias=False, init_std=cfg.initializer_range,
-        rngs=rngs, **dtypes(cfg, runtime))
+        axes=("embed", "vocab"), rngs=rngs, **dtypes(cfg, runtime))
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None,
                  window_slack: int = 0) -> list[dict]:

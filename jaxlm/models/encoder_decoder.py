@@ -108,7 +108,7 @@ class T5ForConditionalGeneration(PreTrainedModel):
     self.decoder = T5Stack(cfg, runtime, decoder=True, rngs=rngs)
     self.lm_head = None if cfg.tie_word_embeddings else Dense(
         cfg.hidden_size, cfg.vocab_size, use_bias=False, init_std=cfg.initializer_range,
-        rngs=rngs, **dtypes(cfg, runtime))
+        axes=("embed", "vocab"), rngs=rngs, **dtypes(cfg, runtime))
 
   def encode(self, input_ids_BS, attention_mask=None, *, rngs: nnx.Rngs | None = None):
     """Encoder hidden states [B, S, D] (float32). attention_mask [B, S]: 1 = real token."""

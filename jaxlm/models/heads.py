@@ -35,7 +35,8 @@ class MLMHead(nnx.Module):
     self.norm = LayerNorm(D, eps=cfg.layer_norm_eps, param_dtype=dt["param_dtype"])
     self.act = get_activation(activation or cfg.hidden_act)
     self.decoder = None if cfg.tie_word_embeddings else Dense(
-        D, V, use_bias=False, init_std=cfg.initializer_range, rngs=rngs, **dt)
+        D, V, use_bias=False, init_std=cfg.initializer_range, axes=("embed", "vocab"),
+        rngs=rngs, **dt)
     self.bias = nnx.Param(jnp.zeros((V,), jnp.dtype(cfg.param_dtype)))
 
   def __call__(self, h_BPD, word_embeddings: Embed, project_logits: bool = True):
