@@ -234,11 +234,10 @@ def training_flops_per_token(mc: ModelConfig, seq_len: int,
   ffn = (3 if mc.mlp_type == "gated" else 2) * D * F
   if E:
     ffn = ffn * k + D * E  # top-k experts plus the router
-  T_eff = min(seq_len, mc.sliding_window or seq_len)
-  attn_one = 12 * T_eff * Hq * hd  # QK^T + PV, forward and backward, one layer
-  if arch_of(mc) not in _SEQ2SEQ:  # each layer its own window (the mean over layers)
-    windows = mc.layer_windows()
-    attn_one = 12 * Hq * hd * sum(min(seq_len, w or seq_len) for w in windows) / len(windows)
+  # QK^T + PV, forward and backward, for one layer: each layer attends within its own
+  # window (layer_windows; the same one for all without layer_types), so the mean over layers
+  windows = mc.layer_windows()
+  attn_one = 12 * Hq * hd * sum(min(seq_len, w or seq_len) for w in windows) / len(windows)
   if arch_of(mc) in _SEQ2SEQ:
     Le, Ld = mc.num_hidden_layers, mc.decoder_layers
     weights = Le * (qkv + proj + ffn) + Ld * (2 * (qkv + proj) + ffn) + head_fraction * D * V

@@ -45,9 +45,9 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.errors import ConfigError, DataError
-from jaxlm.layers.activations import softcap
 from jaxlm.layers.embed import Embed, scaled
 from jaxlm.layers.linear import Dense
+from jaxlm.layers.vocab_loss import head_logits
 from jaxlm.params import path_name
 
 MODES = ("int8", "int4", "bf16")
@@ -319,9 +319,8 @@ class QuantProjection:
   scale: float | None = flax.struct.field(pytree_node=False, default=None)
 
   def logits(self):
-    out = qmatmul(self.h, self.arrays, self.spec, self.dtype)
-    out = out if self.bias is None else out + self.bias.astype(jnp.float32)
-    return softcap(out if self.scale is None else out * self.scale, self.softcap)
+    return head_logits(qmatmul(self.h, self.arrays, self.spec, self.dtype), self.bias,
+                       self.scale, self.softcap)
 
   @property
   def w(self):

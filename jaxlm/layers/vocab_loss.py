@@ -56,8 +56,14 @@ class Projection:
   def logits(self):
     """The full float32 logits [B, T, V]."""
     out = matmul(self.h, self.w, self.dtype, transpose_w=self.vocab_major)
-    out = out if self.bias is None else out + self.bias.astype(jnp.float32)
-    return apply_softcap(out if self.scale is None else out * self.scale, self.softcap)
+    return head_logits(out, self.bias, self.scale, self.softcap)
+
+
+def head_logits(out, bias, scale: float | None, softcap: float | None):
+  """A vocabulary projection's float32 products -> the head's logits: plus `bias`, times
+  `scale`, then soft-capped (Projection; the quantized head's QuantProjection too)."""
+  out = out if bias is None else out + bias.astype(jnp.float32)
+  return apply_softcap(out if scale is None else out * scale, softcap)
 
 
 def cross_entropy_sums(proj: Projection, targets_BT, weights_BT):
