@@ -147,7 +147,7 @@ def tensor_map(cfg: ModelConfig) -> TensorMap:
     h, j = f"transformer.blocks.{i}", f"model.layers.{i}"
     tm.norm(f"{h}.norm_attn_norm.norm_1", f"{j}.attn_norm", bias=False)
     tm.stacked_linear(f"{h}.norm_attn_norm.attn.Wqkv", [f"{j}.attn.{n}" for n in "qkv"],
-                    qkv)
+                      qkv)
     tm.linear(f"{h}.norm_attn_norm.attn.out_proj", f"{j}.attn.o", bias=False)
     tm.norm(f"{h}.norm_attn_norm.norm_2", f"{j}.mlp_norm", bias=False)
     tm.linear(f"{h}.ffn.router.layer", f"{j}.mlp.router", bias=False)
